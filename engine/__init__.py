@@ -1,0 +1,3 @@
+"""engine: a lane-separated outbound mail delivery engine."""
+
+__version__ = "0.1.0"
