@@ -1,0 +1,340 @@
+"""The delivery side of a lane worker: from scheduled messages to delivery sessions and back to the spool.
+
+A message with recipients at several domains becomes one scheduler item per domain, queued on an
+(egress source, domain) queue. The scheduler holds only small fixed-size records; envelopes and bodies
+stay in the spool until a delivery takes them. Each queue gets delivery runners in proportion to its
+ready depth, up to the destination's connection limit, so a few messages use few connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from engine.config import Config, Egress, Lane
+from engine.delivery import Attempt, Deliverer, Response
+from engine.envelope import Envelope, Recipient, RecipientState
+from engine.events import EventLog, message_record
+from engine.scheduler import Scheduler
+from engine.spool import Spool, SpoolError
+
+log = logging.getLogger(__name__)
+
+TICK = 0.05  # timer resolution for retries and expiry checks, seconds
+
+
+@dataclass(slots=True)
+class _Item:
+    key: bytes
+    domain: str
+    egress: str
+
+
+class _InFlight:
+    """An envelope shared by the items of one message while any of them is being delivered, so their
+    updates never overwrite each other."""
+
+    __slots__ = ("envelope", "users")
+
+    def __init__(self, envelope: Envelope) -> None:
+        self.envelope = envelope
+        self.users = 0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        config: Config,
+        lane: Lane,
+        spool: Spool,
+        log: EventLog,
+        deliverers: dict[str, Deliverer],
+        *,
+        capacity: int = 2_000_000,
+    ) -> None:
+        self._config = config
+        self._lane = lane
+        self._spool = spool
+        self._log = log
+        self.deliverers = deliverers
+        self._scheduler = Scheduler(capacity)
+        self._items: dict[int, _Item] = {}
+        self._item_ids = itertools.count(1)
+        self._queues: dict[tuple[str, str], int] = {}
+        self._queue_keys: list[tuple[str, str]] = []
+        self._runners: list[int] = []
+        self._in_flight: dict[bytes, _InFlight] = {}
+        self._tags: dict[str, int] = {}
+        self._egress_cycle = self._weighted_cycle(config.egress[name] for name in lane.egress_pool)
+        self._egress_by_domain: dict[str, itertools.cycle] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._timer: asyncio.Task | None = None
+        self._stopping = False
+
+    # scheduling
+
+    @property
+    def full(self) -> bool:
+        return len(self._items) >= self._scheduler.capacity
+
+    def schedule(self, key: bytes, envelope: Envelope) -> None:
+        """Queues every destination of a message that still has pending recipients."""
+        now_wall, now = time.time(), time.monotonic()
+        expires = now + (envelope.created + self._lane.max_age - now_wall)
+        for domain, recipients in envelope.pending_by_domain().items():
+            due_wall = max(r.next_attempt for r in recipients)
+            due = now + max(0.0, due_wall - now_wall)
+            self._schedule_item(key, envelope, domain, due, expires)
+
+    def _schedule_item(self, key: bytes, envelope: Envelope, domain: str, due: float, expires: float) -> None:
+        egress = self._next_egress(domain)
+        queue = self._queue(egress, domain)
+        item = next(self._item_ids)
+        self._items[item] = _Item(key, domain, egress)
+        self._scheduler.schedule(
+            item,
+            queue,
+            envelope.priority,
+            due,
+            expires,
+            self._tag(envelope.campaign),
+            self._tag(envelope.tenant),
+        )
+        if due <= time.monotonic():
+            self._wake(queue)
+
+    def _tag(self, name: str | None) -> int:
+        if name is None:
+            return 0
+        return self._tags.setdefault(name, len(self._tags) + 1)
+
+    def _queue(self, egress: str, domain: str) -> int:
+        queue = self._queues.get((egress, domain))
+        if queue is None:
+            queue = self._queues[(egress, domain)] = len(self._queue_keys)
+            self._queue_keys.append((egress, domain))
+            self._runners.append(0)
+        return queue
+
+    @staticmethod
+    def _weighted_cycle(pool) -> list[str]:
+        return [egress.name for egress in pool for _ in range(max(1, egress.weight))]
+
+    def _next_egress(self, domain: str) -> str:
+        """Weighted round robin over the lane's egress sources, kept per destination."""
+        cycle = self._egress_by_domain.get(domain)
+        if cycle is None:
+            offset = hash(domain) % len(self._egress_cycle)
+            cycle = self._egress_by_domain[domain] = itertools.cycle(
+                self._egress_cycle[offset:] + self._egress_cycle[:offset]
+            )
+        return next(cycle)
+
+    # running
+
+    def start(self) -> None:
+        self._timer = asyncio.get_running_loop().create_task(self._run_timers())
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Lets deliveries in progress finish (up to `timeout`); what is left stays in the spool."""
+        self._stopping = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout)
+        for task in self._tasks:
+            task.cancel()
+
+    def reload(self, config: Config, lane: Lane) -> None:
+        self._config = config
+        self._lane = lane
+
+    async def _run_timers(self) -> None:
+        while True:
+            now = time.monotonic()
+            for queue in self._scheduler.advance(now):
+                self._wake(queue)
+            for item in self._scheduler.expired(now):
+                self._expire(item)
+            await asyncio.sleep(TICK)
+
+    def _wake(self, queue: int) -> None:
+        if self._stopping:
+            return
+        domain = self._queue_keys[queue][1]
+        limit = self._config.shaping_for(domain).connection_limit
+        ready = self._scheduler.counts(queue)[0]
+        while self._runners[queue] < min(limit, ready):
+            self._runners[queue] += 1
+            task = asyncio.get_running_loop().create_task(self._run_queue(queue))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_queue(self, queue: int) -> None:
+        try:
+            while not self._stopping:
+                item = self._scheduler.pop(queue)
+                if item < 0:
+                    return
+                await self._deliver(item, self._items.pop(item))
+        finally:
+            self._runners[queue] -= 1
+
+    # delivering
+
+    def _acquire(self, key: bytes) -> _InFlight | None:
+        shared = self._in_flight.get(key)
+        if shared is None:
+            packed = self._spool.envelope(key)
+            if packed is None:
+                return None
+            shared = self._in_flight[key] = _InFlight(Envelope.unpack(packed))
+        shared.users += 1
+        return shared
+
+    def _release(self, key: bytes, shared: _InFlight) -> None:
+        shared.users -= 1
+        if shared.users == 0:
+            del self._in_flight[key]
+
+    async def _deliver(self, item: int, target: _Item) -> None:
+        shared = self._acquire(target.key)
+        if shared is None:
+            return
+        try:
+            envelope = shared.envelope
+            recipients = [r for r in envelope.pending() if r.domain == target.domain]
+            body = self._spool.body(target.key)
+            if not recipients or body is None:
+                return
+            deliverer = self.deliverers[target.egress]
+            attempt = await deliverer.deliver(target.domain, envelope.sender, [r.address for r in recipients], body)
+            self._record_outcomes(target, envelope, recipients, attempt)
+            await self._persist(target.key, envelope)
+        finally:
+            self._release(target.key, shared)
+
+    def _record_outcomes(
+        self, target: _Item, envelope: Envelope, recipients: Sequence[Recipient], attempt: Attempt
+    ) -> None:
+        now = time.time()
+        retry_at = None
+        egress = self._config.egress[target.egress]
+        for recipient in recipients:
+            response = attempt.responses[recipient.address]
+            recipient.attempts += 1
+            if response.success:
+                recipient.state = RecipientState.DELIVERED
+                event = "Delivery"
+            elif response.permanent:
+                recipient.state = RecipientState.FAILED
+                event = "Bounce"
+            else:
+                delay = self._retry_delay(recipient.attempts)
+                if now + delay >= envelope.created + self._lane.max_age:
+                    recipient.state = RecipientState.FAILED
+                    event = "Expiration"
+                else:
+                    recipient.next_attempt = now + delay
+                    retry_at = recipient.next_attempt
+                    event = "TransientFailure"
+            self._log.emit(self._outcome_record(event, target, envelope, recipient, egress, attempt, response))
+        if retry_at is not None:
+            now_mono = time.monotonic()
+            expires = now_mono + (envelope.created + self._lane.max_age - now)
+            self._schedule_item(target.key, envelope, target.domain, now_mono + (retry_at - now), expires)
+
+    def _retry_delay(self, attempts: int) -> float:
+        intervals = self._lane.retry_intervals
+        return intervals[min(attempts, len(intervals)) - 1]
+
+    def _outcome_record(
+        self,
+        event: str,
+        target: _Item,
+        envelope: Envelope,
+        recipient: Recipient,
+        egress: Egress,
+        attempt: Attempt,
+        response: Response,
+    ) -> dict:
+        peer = attempt.peer
+        return message_record(
+            event,
+            target.key,
+            envelope,
+            recipient=recipient.address,
+            domain=target.domain,
+            attempt=recipient.attempts,
+            egress_source=egress.name,
+            peer={"host": peer.host, "address": peer.address} if peer else None,
+            response={"code": response.code, "enhanced": response.enhanced, "text": response.text},
+        )
+
+    def _expire(self, item: int) -> None:
+        target = self._items.pop(item, None)
+        if target is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._expire_item(target))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _expire_item(self, target: _Item) -> None:
+        shared = self._acquire(target.key)
+        if shared is None:
+            return
+        try:
+            envelope = shared.envelope
+            for recipient in envelope.pending():
+                if recipient.domain != target.domain:
+                    continue
+                recipient.state = RecipientState.FAILED
+                self._log.emit(
+                    message_record(
+                        "Expiration",
+                        target.key,
+                        envelope,
+                        recipient=recipient.address,
+                        domain=target.domain,
+                        attempt=recipient.attempts,
+                        egress_source=target.egress,
+                        response={
+                            "code": 551,
+                            "enhanced": "5.4.7",
+                            "text": "Message expired (max_age reached)",
+                        },
+                    )
+                )
+            await self._persist(target.key, envelope)
+        finally:
+            self._release(target.key, shared)
+
+    async def _persist(self, key: bytes, envelope: Envelope) -> None:
+        """Writes the new recipient states; the message leaves the spool with its last final recipient."""
+        try:
+            if envelope.finished:
+                await self._spool.remove(key)
+            else:
+                await self._spool.update(key, envelope.pack())
+        except SpoolError as error:
+            log.error(
+                "spool update of %s failed: %s (the message will be retried after a restart)",
+                key.hex(),
+                error,
+            )
+
+    # views
+
+    def queue_counts(self) -> dict[tuple[str, str], tuple[int, int]]:
+        return {key: self._scheduler.counts(queue) for key, queue in self._queues.items()}
+
+    def connections(self) -> dict[str, dict[str, int]]:
+        return {name: deliverer.connections() for name, deliverer in self.deliverers.items()}
+
+
+def new_deliverers(config: Config, lane: Lane, resolver) -> dict[str, Deliverer]:
+    return {name: Deliverer(config, resolver, config.egress[name]) for name in lane.egress_pool}

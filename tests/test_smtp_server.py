@@ -1,0 +1,252 @@
+"""The reception protocol over real loopback sockets: replies, limits, pipelining, smuggling lookalikes."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+
+import pytest
+
+from engine.smtp.server import Limits, Reply, Session, SMTPServer
+
+LOCAL = (ipaddress.ip_network("127.0.0.0/8"),)
+
+
+class RecordingHandler:
+    hostname = "test.local"
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.rejections: list[Reply] = []
+
+    def check_recipient(self, session: Session, sender: str, recipient: str) -> Reply | None:
+        return Reply(550, "5.1.1", "no such user") if recipient.startswith("nobody@") else None
+
+    def handle_message(self, session: Session, sender: str, recipients: list[str], message: bytes, params: dict):
+        self.messages.append((sender, list(recipients), message))
+        return self._accept()
+
+    async def _accept(self) -> Reply:
+        await asyncio.sleep(0.001)
+        return Reply(250, "2.0.0", f"queued {len(self.messages)}")
+
+    def rejected(self, session: Session, sender: str | None, recipients: Sequence[str], reply: Reply) -> None:
+        self.rejections.append(reply)
+
+
+class ServerThread:
+    def __init__(self, limits: Limits, relay_from=LOCAL) -> None:
+        self.handler = RecordingHandler()
+        self.loop = asyncio.new_event_loop()
+        self.server = SMTPServer(self.handler, limits, relay_from)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.listen(self.sock), self.loop).result(5)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.close(1), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class Client:
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.buffer = b""
+
+    def reply(self) -> bytes:
+        """One complete (possibly multi-line) reply."""
+        lines = []
+        while True:
+            while b"\r\n" not in self.buffer:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed: " + repr(b"".join(lines) + self.buffer))
+                self.buffer += chunk
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            lines.append(line)
+            if line[3:4] != b"-":
+                return b"\r\n".join(lines)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def command(self, line: bytes) -> bytes:
+        self.send(line + b"\r\n")
+        return self.reply()
+
+    def closed(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except OSError:
+            return True
+
+
+@pytest.fixture
+def server() -> Iterator[ServerThread]:
+    server = ServerThread(Limits(max_message_size=10_000, max_recipients=3, idle_timeout=2.0))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[Client]:
+    client = Client(server.port)
+    assert client.reply().startswith(b"220 test.local ")
+    yield client
+    client.sock.close()
+
+
+def code(reply: bytes) -> bytes:
+    """'250 2.1.0' — code and enhanced status of the last line."""
+    return b" ".join(reply.split(b"\r\n")[-1].split(b" ")[:2])
+
+
+def test_ehlo_advertises_extensions(client: Client) -> None:
+    reply = client.command(b"EHLO client.example")
+    for keyword in (b"PIPELINING", b"SIZE 10000", b"8BITMIME", b"ENHANCEDSTATUSCODES", b"SMTPUTF8"):
+        assert keyword in reply
+    assert reply.startswith(b"250-test.local")
+
+
+def test_a_whole_transaction(client: Client, server: ServerThread) -> None:
+    client.command(b"EHLO c")
+    assert code(client.command(b"MAIL FROM:<a@example.net> SIZE=100")) == b"250 2.1.0"
+    assert code(client.command(b"RCPT TO:<b@dest.test>")) == b"250 2.1.5"
+    assert client.command(b"DATA").startswith(b"354")
+    client.send(b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\n")
+    assert code(client.reply()) == b"250 2.0.0"
+    assert server.handler.messages == [("a@example.net", ["b@dest.test"], b"Subject: hi\r\n\r\n.dot\r\nbody\r\n")]
+    assert code(client.command(b"QUIT")) == b"221 2.0.0"
+
+
+def test_pipelined_transactions_answered_in_order(client: Client, server: ServerThread) -> None:
+    client.command(b"EHLO c")
+    one = b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n"
+    client.send(one + b"m1\r\n.\r\n" + one + b"m2\r\n.\r\nQUIT\r\n")
+    replies = [code(client.reply()) for _ in range(9)]
+    assert replies == [b"250 2.1.0", b"250 2.1.5", b"354 End", b"250 2.0.0"] * 2 + [b"221 2.0.0"]
+    assert [m[2] for m in server.handler.messages] == [b"m1\r\n", b"m2\r\n"]
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b"FOO bar", b"500 5.5.1"),
+        (b"MAIL FROM:<a@b.test>", b"503 5.5.1"),  # before EHLO
+        (b"EHLO", b"501 5.5.4"),
+        (b"VRFY someone", b"252 2.5.0"),
+        (b"HELP", b"214 2.0.0"),
+        (b"NOOP", b"250 2.0.0"),
+        (b"RSET", b"250 2.0.0"),
+        (b"X" * 600, b"500 5.5.6"),
+    ],
+)
+def test_single_commands(client: Client, line: bytes, expected: bytes) -> None:
+    assert code(client.command(line)) == expected
+    assert code(client.command(b"NOOP")) == b"250 2.0.0"  # the session goes on
+
+
+@pytest.mark.parametrize(
+    ("mail", "expected"),
+    [
+        (b"MAIL FROM:a@b.test", b"501 5.5.4"),
+        (b"MAIL FROM:<a@b.test> FOO=1", b"555 5.5.4"),
+        (b"MAIL FROM:<a@b.test> SIZE=20000", b"552 5.3.4"),
+        (b"MAIL FROM:<" + b"a" * 65 + b"@b.test>", b"553 5.1.7"),
+        (b"MAIL FROM:<a\x00b@b.test>", b"501 5.1.7"),
+    ],
+)
+def test_bad_mail_commands(client: Client, mail: bytes, expected: bytes) -> None:
+    client.command(b"EHLO c")
+    assert code(client.command(mail)) == expected
+    assert code(client.command(b"MAIL FROM:<ok@b.test>")) == b"250 2.1.0"
+
+
+def test_recipient_limits_and_sequence(client: Client) -> None:
+    client.command(b"EHLO c")
+    assert code(client.command(b"RCPT TO:<b@y.test>")) == b"503 5.5.1"
+    assert code(client.command(b"DATA")) == b"503 5.5.1"
+    client.command(b"MAIL FROM:<a@x.test>")
+    assert code(client.command(b"MAIL FROM:<a@x.test>")) == b"503 5.5.1"
+    assert code(client.command(b"DATA")) == b"554 5.5.1"
+    assert code(client.command(b"RCPT TO:<nobody@y.test>")) == b"550 5.1.1"
+    for n in range(3):
+        assert code(client.command(f"RCPT TO:<r{n}@y.test>".encode())) == b"250 2.1.5"
+    assert code(client.command(b"RCPT TO:<r4@y.test>")) == b"452 4.5.3"
+    assert code(client.command(b"RCPT TO:<\xc3\xa9@y.test>")) == b"553 5.6.7"
+
+
+def test_relay_denied_outside_relay_from() -> None:
+    server = ServerThread(Limits(), relay_from=(ipaddress.ip_network("10.0.0.0/8"),))
+    try:
+        client = Client(server.port)
+        client.reply()
+        client.command(b"EHLO c")
+        client.command(b"MAIL FROM:<a@x.test>")
+        for address in (b"b@y.test", b"b%z.test@y.test", b"@relay.test:b@y.test"):
+            assert code(client.command(b"RCPT TO:<" + address + b">")) == b"554 5.7.1"
+        assert server.handler.rejections[-1].code == 554
+    finally:
+        server.stop()
+
+
+def test_oversize_message_refused_and_session_goes_on(client: Client, server: ServerThread) -> None:
+    client.command(b"EHLO c")
+    client.command(b"MAIL FROM:<a@x.test>")
+    client.command(b"RCPT TO:<b@y.test>")
+    client.command(b"DATA")
+    client.send((b"x" * 70 + b"\r\n") * 500 + b".\r\n")
+    assert code(client.reply()) == b"552 5.3.4"
+    assert server.handler.messages == []
+    assert code(client.command(b"MAIL FROM:<a@x.test>")) == b"250 2.1.0"
+
+
+@pytest.mark.parametrize("payload", [b"bare\nLF\r\n", b"bare\rCR\r\n", b"x" * 1001 + b"\r\n"])
+def test_bad_content_refused(client: Client, server: ServerThread, payload: bytes) -> None:
+    client.command(b"EHLO c")
+    client.command(b"MAIL FROM:<a@x.test>")
+    client.command(b"RCPT TO:<b@y.test>")
+    client.command(b"DATA")
+    client.send(payload + b".\r\n")
+    assert code(client.reply()) == b"550 5.6.0"
+    assert server.handler.messages == []
+
+
+@pytest.mark.parametrize(
+    "lookalike", [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r"]
+)
+def test_smuggled_end_of_data_never_splits_a_message(client: Client, server: ServerThread, lookalike: bytes) -> None:
+    client.command(b"EHLO c")
+    client.command(b"MAIL FROM:<a@x.test>")
+    client.command(b"RCPT TO:<b@y.test>")
+    client.command(b"DATA")
+    smuggled = b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@y.test>\r\nDATA\r\nsmuggled\r\n"
+    client.send(b"hello" + lookalike + smuggled + b".\r\n")
+    assert code(client.reply()) == b"550 5.6.0"  # bare CR/LF: the whole thing is one refused message
+    assert server.handler.messages == []
+    assert code(client.command(b"NOOP")) == b"250 2.0.0"
+
+
+def test_idle_timeout_closes_with_421(server: ServerThread) -> None:
+    client = Client(server.port)
+    client.reply()
+    client.sock.settimeout(6)
+    assert code(client.reply()) == b"421 4.4.2"
+    assert client.closed()
+
+
+def test_too_many_errors_closes(client: Client) -> None:
+    for _ in range(19):
+        client.command(b"BOGUS")
+    client.send(b"BOGUS\r\n")
+    assert code(client.reply()) == b"500 5.5.1"
+    assert code(client.reply()) == b"421 4.7.0"
+    assert client.closed()
