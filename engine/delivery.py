@@ -1,0 +1,454 @@
+"""Outbound delivery: next hops, pooled SMTP sessions, and one outcome per recipient.
+
+A worker asks "deliver this message to these recipients at this domain" and gets back an SMTP reply
+for every recipient. Sessions (aiosmtplib) are kept per destination domain and reused for the next
+message, within the domain's shaping: a limit on concurrent sessions, on messages per session and on
+idle time. Whatever goes wrong, the caller gets a reply to act on (bounce on 5xx, retry on 4xx),
+never an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from engine.config import Config, Egress, Shaping
+from engine.resolver import DnsPermanentError, DnsTransientError, Resolver
+
+COMMAND_TIMEOUT = 300.0
+"""Seconds to wait for each reply once a session is up (RFC 5321 4.5.3.2 asks for 5 minutes)."""
+
+_ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
+# aiosmtplib puts addresses on the command line verbatim: controls would inject commands, angle
+# brackets would close the path early and inject parameters.
+_UNSAFE_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
+
+
+@dataclass(frozen=True)
+class Response:
+    """An SMTP reply (or one the engine made up) that decides a recipient's fate."""
+
+    code: int
+    enhanced: str | None
+    text: str
+
+    @property
+    def success(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+    @classmethod
+    def parse(cls, code: int, message: str) -> Response:
+        """Split RFC 3463 enhanced codes off each line of a (multi-line) reply as aiosmtplib gives it."""
+        enhanced = None
+        lines = []
+        for line in message.split("\n"):
+            match = _ENHANCED.match(line)
+            if match:
+                enhanced = enhanced or match.group(1)
+                line = line[match.end() :]
+            if line:
+                lines.append(line)
+        return cls(code, enhanced, " ".join(lines))
+
+
+@dataclass(frozen=True)
+class Peer:
+    host: str
+    address: str
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The outcome of one delivery attempt: a reply per recipient, and where it was sent."""
+
+    responses: dict[str, Response]
+    peer: Peer | None
+
+
+_BAD_RECIPIENT = Response(501, "5.1.3", "invalid recipient address: control or angle bracket characters")
+_BAD_SENDER = Response(501, "5.1.7", "invalid sender address: control or angle bracket characters")
+_NO_SMTPUTF8 = Response(553, "5.6.7", "non-ASCII address but the server does not support SMTPUTF8")
+
+
+@dataclass(frozen=True)
+class _Hop:
+    host: str
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}[{self.address}]:{self.port}"
+
+
+class _HopFailed(Exception):
+    """No usable session on a hop; `response` is what the recipients get if it was the last hop."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.text)
+        self.response = response
+
+
+class _TlsFailed(Exception):
+    """STARTTLS was offered but the upgrade did not work."""
+
+
+class _Stale(Exception):
+    """A reused session turned out to be closed by the server before this transaction began."""
+
+
+class _Session:
+    """One SMTP connection to a hop and how much it has been used."""
+
+    __slots__ = ("deliveries", "hop", "peer", "quit_timeout", "smtp", "timer")
+
+    def __init__(self, smtp: aiosmtplib.SMTP, hop: _Hop, peer: Peer, quit_timeout: float) -> None:
+        self.smtp = smtp
+        self.hop = hop
+        self.peer = peer
+        self.quit_timeout = quit_timeout
+        self.deliveries = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _Pool:
+    """The sessions to one destination domain: the idle ones, a count of all open, and who waits."""
+
+    __slots__ = ("idle", "open", "waiters")
+
+    def __init__(self) -> None:
+        self.idle: list[_Session] = []
+        self.open = 0
+        self.waiters: list[asyncio.Future[None]] = []
+
+    def wake(self) -> None:
+        """Something changed (a session came back, or one closed): let every waiter look again."""
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+def _insecure_context() -> ssl.SSLContext:
+    """Opportunistic TLS like Postfix's `may`: encrypt, but accept any certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class Deliverer:
+    """Delivery for one egress source of one worker: a pool of sessions per destination."""
+
+    def __init__(
+        self, config: Config, resolver: Resolver, egress: Egress, *, command_timeout: float = COMMAND_TIMEOUT
+    ) -> None:
+        self._config = config
+        self._resolver = resolver
+        self._egress = egress
+        self._command_timeout = command_timeout
+        self._source = (egress.source_address, 0) if egress.source_address else None
+        self._tls = _insecure_context()
+        self._pools: dict[str, _Pool] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    def reload(self, config: Config) -> None:
+        """Use new routes and shaping from now on; sessions already open keep going."""
+        self._config = config
+
+    def connections(self) -> dict[str, int]:
+        """Open (or opening) sessions per destination domain."""
+        return {domain: pool.open for domain, pool in self._pools.items() if pool.open}
+
+    async def close(self) -> None:
+        """QUIT every pooled session and wait for sessions already closing."""
+        self._closing = True
+        for pool in self._pools.values():
+            while pool.idle:
+                self._retire(pool, pool.idle.pop())
+        while self._tasks:
+            await asyncio.gather(*self._tasks)
+
+    async def deliver(self, domain: str, sender: str, recipients: Sequence[str], message: bytes) -> Attempt:
+        """Send one message to the recipients at `domain`; every recipient gets a Response."""
+        responses = {rcpt: _BAD_RECIPIENT for rcpt in recipients if _UNSAFE_ADDRESS.search(rcpt)}
+        valid = [rcpt for rcpt in dict.fromkeys(recipients) if rcpt not in responses]
+        if valid and _UNSAFE_ADDRESS.search(sender):
+            responses.update(dict.fromkeys(valid, _BAD_SENDER))
+            valid = []
+        if not valid:
+            return Attempt(responses, None)
+        domain = domain.lower()
+        shaping = self._config.shaping_for(domain)
+        try:
+            hops = await self._next_hops(domain, shaping)
+        except (DnsPermanentError, DnsTransientError) as exc:
+            responses.update(dict.fromkeys(valid, Response(exc.code, exc.enhanced, exc.text)))
+            return Attempt(responses, None)
+        pool = self._pools.setdefault(domain, _Pool())
+        fresh = False
+        while True:
+            try:
+                session = await self._checkout(pool, hops, shaping, fresh=fresh)
+            except _HopFailed as exc:
+                responses.update(dict.fromkeys(valid, exc.response))
+                return Attempt(responses, None)
+            try:
+                outcome = await self._transact(session, sender, valid, message)
+            except _Stale:
+                self._drop(pool, session)
+                fresh = True
+                continue
+            except BaseException:
+                self._drop(pool, session)
+                raise
+            self._checkin(pool, session, shaping)
+            responses.update(outcome)
+            return Attempt(responses, session.peer)
+
+    async def _next_hops(self, domain: str, shaping: Shaping) -> list[_Hop]:
+        """A static route if configured (bypasses MX), else the resolver's next hops in order."""
+        route = self._config.route_for(domain)
+        if route is not None:
+            return [_Hop(route.host, route.host, route.port)]
+        hops = await self._resolver.next_hops(domain)
+        return [_Hop(hop.host, hop.address, shaping.smtp_port) for hop in hops]
+
+    # Pool: who gets a session, and what happens to it afterwards.
+
+    def _may_open(self, pool: _Pool, shaping: Shaping) -> bool:
+        """Whether one more session to this destination is allowed right now."""
+        return pool.open < shaping.connection_limit
+
+    async def _checkout(self, pool: _Pool, hops: list[_Hop], shaping: Shaping, *, fresh: bool) -> _Session:
+        """An idle session to one of `hops` (best hop first), else a new one once the limit allows."""
+        while True:
+            if not fresh:
+                session = self._take_idle(pool, hops)
+                if session is not None:
+                    return session
+            if self._may_open(pool, shaping):
+                pool.open += 1
+                try:
+                    return await self._open(hops, shaping)
+                except BaseException:
+                    pool.open -= 1
+                    pool.wake()
+                    raise
+            if pool.idle:
+                # At the limit with idle sessions we cannot use (another hop, or we need a fresh
+                # one): close the least recently used to make room.
+                self._retire(pool, pool.idle.pop(0))
+            waiter = asyncio.get_running_loop().create_future()
+            pool.waiters.append(waiter)
+            await waiter
+
+    def _take_idle(self, pool: _Pool, hops: list[_Hop]) -> _Session | None:
+        for session in [s for s in pool.idle if not s.smtp.is_connected]:
+            pool.idle.remove(session)
+            self._drop(pool, session)
+        for hop in hops:
+            for index in range(len(pool.idle) - 1, -1, -1):
+                session = pool.idle[index]
+                if session.hop == hop:
+                    del pool.idle[index]
+                    if session.timer is not None:
+                        session.timer.cancel()
+                    return session
+        return None
+
+    def _checkin(self, pool: _Pool, session: _Session, shaping: Shaping) -> None:
+        """After a transaction: back to the idle list, or QUIT when used up or no longer wanted."""
+        if not session.smtp.is_connected:
+            self._drop(pool, session)
+        elif self._closing or session.deliveries >= shaping.max_deliveries_per_connection:
+            self._retire(pool, session)
+        else:
+            pool.idle.append(session)
+            loop = asyncio.get_running_loop()
+            session.timer = loop.call_later(shaping.idle_timeout, self._expire, pool, session)
+            pool.wake()
+
+    def _expire(self, pool: _Pool, session: _Session) -> None:
+        if session in pool.idle:
+            pool.idle.remove(session)
+            self._retire(pool, session)
+
+    def _drop(self, pool: _Pool, session: _Session) -> None:
+        """Close a session that cannot be used any more, without a goodbye."""
+        session.smtp.close()
+        pool.open -= 1
+        pool.wake()
+
+    def _retire(self, pool: _Pool, session: _Session) -> None:
+        """QUIT a healthy session in the background; its slot frees up once it is closed."""
+        if session.timer is not None:
+            session.timer.cancel()
+        task = asyncio.ensure_future(self._quit(pool, session))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _quit(self, pool: _Pool, session: _Session) -> None:
+        try:
+            await session.smtp.quit(timeout=session.quit_timeout)
+        except (aiosmtplib.SMTPException, OSError):
+            pass
+        finally:
+            self._drop(pool, session)
+
+    # Sessions: connecting, greeting, TLS.
+
+    async def _open(self, hops: list[_Hop], shaping: Shaping) -> _Session:
+        """A ready session on the first hop that gives one; the last hop's failure otherwise."""
+        failure = _HopFailed(Response(451, "4.4.1", "no next hops"))
+        for hop in hops:
+            try:
+                return await self._open_hop(hop, shaping)
+            except _HopFailed as exc:
+                failure = exc
+        raise failure
+
+    async def _open_hop(self, hop: _Hop, shaping: Shaping) -> _Session:
+        if shaping.tls == "disabled":
+            return await self._connect(hop, shaping, starttls=False)
+        try:
+            return await self._connect(hop, shaping, starttls=True)
+        except _TlsFailed as exc:
+            if shaping.tls == "required":
+                raise _HopFailed(Response(451, "4.7.5", f"TLS required but {exc}")) from None
+        return await self._connect(hop, shaping, starttls=False)
+
+    async def _connect(self, hop: _Hop, shaping: Shaping, *, starttls: bool) -> _Session:
+        smtp = aiosmtplib.SMTP(
+            hostname=hop.address,
+            port=hop.port,
+            local_hostname=self._egress.ehlo_name,
+            source_address=self._source,
+            timeout=shaping.connect_timeout,
+            start_tls=False,
+            tls_context=self._tls,
+        )
+        try:
+            await smtp.connect()
+            await self._greet(smtp, hop)
+            if starttls and smtp.supports_extension("starttls"):
+                try:
+                    await smtp.starttls(server_hostname=hop.host)
+                except (aiosmtplib.SMTPException, OSError) as exc:
+                    raise _TlsFailed(f"STARTTLS with {hop} failed: {exc}") from None
+                await self._greet(smtp, hop)
+            elif starttls and shaping.tls == "required":
+                raise _HopFailed(Response(451, "4.7.5", f"TLS required but {hop} does not offer STARTTLS"))
+            peer = Peer(hop.host, smtp.get_transport_info("peername")[0])
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            smtp.close()
+            raise _unreachable(f"{hop} greeted with {exc.code} {exc.message}") from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            smtp.close()
+            raise _unreachable(f"{hop}: {_describe(exc)}") from None
+        except BaseException:
+            smtp.close()
+            raise
+        smtp.timeout = self._command_timeout
+        return _Session(smtp, hop, peer, shaping.connect_timeout)
+
+    async def _greet(self, smtp: aiosmtplib.SMTP, hop: _Hop) -> None:
+        """EHLO, falling back to HELO for servers that do not know it (RFC 5321 4.1.4)."""
+        try:
+            await smtp.ehlo()
+        except aiosmtplib.SMTPHeloError as exc:
+            if not (smtp.is_connected and 500 <= exc.code <= 502):
+                raise _unreachable(f"{hop} refused EHLO: {exc.code} {exc.message}") from None
+            try:
+                await smtp.helo()
+            except aiosmtplib.SMTPHeloError as helo:
+                raise _unreachable(f"{hop} refused HELO: {helo.code} {helo.message}") from None
+
+    # Transactions.
+
+    async def _transact(
+        self, session: _Session, sender: str, recipients: list[str], message: bytes
+    ) -> dict[str, Response]:
+        """MAIL, RCPT per recipient, DATA if any was accepted; a reply for every recipient."""
+        smtp = session.smtp
+        reused = session.deliveries > 0
+        utf8 = not (sender.isascii() and all(rcpt.isascii() for rcpt in recipients))
+        if utf8 and not smtp.supports_extension("smtputf8"):
+            return dict.fromkeys(recipients, _NO_SMTPUTF8)
+        encoding = "utf-8" if utf8 else "ascii"
+        options = [b"SMTPUTF8"] if utf8 else []
+        if not message.isascii() and smtp.supports_extension("8bitmime"):
+            options.append(b"BODY=8BITMIME")
+        session.deliveries += 1
+        refused: dict[str, Response] = {}
+        accepted: list[str] = []
+        try:
+            try:
+                reply = await smtp.execute_command(b"MAIL", b"FROM:<" + sender.encode(encoding) + b">", *options)
+            except aiosmtplib.SMTPServerDisconnected:
+                if reused:
+                    raise _Stale from None
+                raise
+            if reply.code == 421 and reused:
+                raise _Stale
+            if reply.code != 250:
+                await self._reset(smtp)
+                return dict.fromkeys(recipients, Response.parse(reply.code, reply.message))
+            for rcpt in recipients:
+                reply = await smtp.execute_command(b"RCPT", b"TO:<%s>" % rcpt.encode(encoding))
+                if reply.code in (250, 251):
+                    accepted.append(rcpt)
+                else:
+                    refused[rcpt] = Response.parse(reply.code, reply.message)
+            if not accepted:
+                await self._reset(smtp)
+                return refused
+            try:
+                reply = await smtp.data(message)
+            except aiosmtplib.SMTPDataError as exc:
+                await self._reset(smtp)
+                final = Response.parse(exc.code, exc.message)
+            else:
+                final = Response.parse(reply.code, reply.message)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            smtp.close()
+            lost = Response(451, "4.4.2", f"connection with {session.hop} lost: {exc}")
+            return {rcpt: refused.get(rcpt, lost) for rcpt in recipients}
+        return {rcpt: refused.get(rcpt, final) for rcpt in recipients}
+
+    async def _reset(self, smtp: aiosmtplib.SMTP) -> None:
+        """RSET after an error reply so the session can carry the next message; close it if that fails."""
+        if not smtp.is_connected:
+            return
+        try:
+            reply = await smtp.execute_command(b"RSET")
+        except (aiosmtplib.SMTPException, OSError):
+            reply = None
+        if reply is None or reply.code != 250:
+            smtp.close()
+
+
+def _unreachable(reason: str) -> _HopFailed:
+    return _HopFailed(Response(451, "4.4.1", f"all next hops failed: {reason}"))
+
+
+def _describe(exc: BaseException) -> str:
+    """A short reason for the event log: the operating system's words if it failed, else aiosmtplib's."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.errno:
+        return os.strerror(cause.errno).lower()
+    return str(exc)
