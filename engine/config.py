@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import json
 import os
 import re
 import socket
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
@@ -83,9 +84,11 @@ class Address:
         if port_text is None:
             if default_port is None:
                 raise ValueError(f"invalid address {text!r}: expected 'HOST:PORT'")
-            return cls(host.lower(), default_port)
+            port_text = str(default_port)
         if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
             raise ValueError(f"invalid address {text!r}: port must be 1..65535")
+        if _is_ip(host, 4) or _is_ip(host, 6):
+            host = str(ipaddress.ip_address(host))
         return cls(host.lower(), int(port_text))
 
     def __str__(self) -> str:
@@ -195,7 +198,8 @@ class Config:
 
     def shaping_for(self, domain: str) -> Shaping:
         """The domain's own rule (already merged over "default" at load time), else "default"."""
-        return self.shaping.get(_normalize_domain(domain), self.shaping["default"])
+        rule = self.shaping.get(domain) or self.shaping.get(_normalize_domain(domain))
+        return rule or self.shaping["default"]
 
     def route_for(self, domain: str) -> Address | None:
         """A static next hop for the domain, else the "*" smarthost, else None (look up MX)."""
@@ -282,6 +286,11 @@ def _format_path(path: KeyPath) -> str:
         else:
             text += ("." if text else "") + (part if _BARE_KEY.fullmatch(part) else json.dumps(part))
     return text
+
+
+def _unknown_key(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.7)
+    return f"unknown key (did you mean {close[0]!r}?)" if close else "unknown key"
 
 
 def _normalize_domain(domain: str) -> str:
@@ -539,7 +548,7 @@ class _Reader:
         raw = self.substitute_env(raw, ())
         for key in raw:
             if key not in _ROOT_KEYS:
-                self.error((key,), "unknown key")
+                self.error((key,), _unknown_key(key, _ROOT_KEYS))
         engine = self.engine_settings(raw.get("engine", {}))
         admin = self.admin_settings(raw.get("admin", {}))
         dns = self.dns_settings(raw.get("dns", {}))
@@ -579,7 +588,7 @@ class _Reader:
         for key, value in raw.items():
             parser = spec.get(key)
             if parser is None:
-                self.error((*path, key), "unknown key")
+                self.error((*path, key), _unknown_key(key, spec))
                 continue
             try:
                 values[key] = self.value(parser, value, (*path, key))
@@ -776,8 +785,10 @@ class _Reader:
             if "users_file" in table and "tls_cert" not in table and values.get("protocol", "smtp") == "smtp":
                 self.error((*path, "users_file"), "AUTH needs STARTTLS: set tls_cert and tls_key")
             name = values.setdefault("name", values.get("lane", str(index)))
-            if name in seen_names:
+            if name in seen_names and "name" in table:
                 self.error((*path, "name"), f"duplicate name {name!r}, also in listeners[{seen_names[name]}]")
+            elif name in seen_names:
+                self.error(path, f"more than one listener is named {name!r} after its lane: set distinct names")
             seen_names[name] = index
             listen = values.get("listen")
             if listen in seen_addresses:

@@ -211,6 +211,7 @@ def test_parse_size_rejects(text: object) -> None:
         ("127.0.0.1:25", None, Address("127.0.0.1", 25)),
         ("Mail.Example.NET:587", None, Address("mail.example.net", 587)),
         ("[::1]:2525", None, Address("::1", 2525)),
+        ("[0:0::0:1]:2525", None, Address("::1", 2525)),
         ("::1", 53, Address("::1", 53)),
         ("10.0.0.1", 53, Address("10.0.0.1", 53)),
     ],
@@ -452,9 +453,9 @@ ip = "127.0.0.9"
     write(tmp_path, text)
     assert errors_of(Path("engine.toml")) == [
         "engine.toml: colour: unknown key",
-        "engine.toml: engine.hostnmae: unknown key",
+        "engine.toml: engine.hostnmae: unknown key (did you mean 'hostname'?)",
         "engine.toml: egress.e1.ip: unknown key",
-        "engine.toml: lanes.bulk.wrokers: unknown key",
+        "engine.toml: lanes.bulk.wrokers: unknown key (did you mean 'workers'?)",
         "engine.toml: lanes.bulk.list_unsubscribe.fax: unknown key",
         "engine.toml: listeners[0].tls: unknown key",
         'engine.toml: shaping."gmail.com".max_rate: unknown key',
@@ -642,4 +643,20 @@ users_file = "users.txt"
     assert errors_of(write(tmp_path, text)) == [
         f"{tmp_path / 'engine.toml'}: listeners[0].users_file: AUTH needs STARTTLS: set tls_cert and tls_key",
         f"{tmp_path / 'engine.toml'}: listeners[0].listen: 127.0.0.1:2525 is already used by admin.listen",
+    ]
+
+
+def test_listeners_sharing_a_lane_need_their_own_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    listeners = '[[listeners]]\nlisten = "127.0.0.1:2525"\nlane = "bulk"\n'
+    listeners += '[[listeners]]\nlisten = "[::1]:2525"\nlane = "bulk"\n'
+    write(tmp_path, listeners)
+    assert errors_of(Path("engine.toml")) == [
+        "engine.toml: listeners[1]: more than one listener is named 'bulk' after its lane: set distinct names"
+    ]
+    write(tmp_path, listeners + 'name = "bulk-v6"\n')
+    config = load_config(Path("engine.toml"))
+    assert [(listener.name, str(listener.listen)) for listener in config.listeners] == [
+        ("bulk", "127.0.0.1:2525"),
+        ("bulk-v6", "[::1]:2525"),
     ]
