@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -55,8 +56,9 @@ class DnsTransientError(_DnsError):
     """DNS could not answer now: defer the recipients and retry later."""
 
 
-# A cached outcome: ordered preference groups [(preference, [(exchange, [addresses])])] or an error.
-_Groups = list[tuple[int, list[tuple[str, list[str]]]]]
+# A cached outcome: preference groups, best first, each a list of exchanges (the NextHops of one
+# exchange's addresses), or an error.
+_Groups = list[list[tuple[NextHop, ...]]]
 _Error = tuple[type[_DnsError], int, str, str]
 
 
@@ -97,6 +99,15 @@ def _literal(domain: str) -> NextHop:
     return NextHop(str(address), str(address), 0)
 
 
+def _addresses_of(host: str, port: int) -> list[str]:
+    """A nameserver given by name is looked up once, at configuration time, by the system resolver."""
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
 def _qname(domain: str) -> dns.name.Name:
     """The absolute query name; IDNs become A-labels, case does not matter."""
     if not domain.rstrip("."):
@@ -123,8 +134,13 @@ class Resolver:
         self.stats: dict[str, int] = {"hits": 0, "misses": 0, "inflight": 0, "coalesced": 0, "errors": 0}
         self._dns = dns.asyncresolver.Resolver(configure=not nameservers)
         if nameservers:
-            self._dns.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in nameservers]
-        self._dns.timeout = timeout
+            self._dns.nameservers = [
+                dns.nameserver.Do53Nameserver(address, port)
+                for host, port in nameservers
+                for address in _addresses_of(host, port)
+            ]
+        # Split the budget so a dead first server still leaves time to ask the next one.
+        self._dns.timeout = timeout / len(self._dns.nameservers)
         self._dns.lifetime = timeout
         self._cache: OrderedDict[str, tuple[float, _Outcome]] = OrderedDict()
         self._inflight: dict[str, asyncio.Task[_Outcome]] = {}
@@ -133,11 +149,10 @@ class Resolver:
         """Where to connect for `domain`, best first; raises DnsPermanentError or DnsTransientError."""
         if domain.startswith("[") and domain.endswith("]"):
             return [_literal(domain)]
-        qname = _qname(domain)
-        key = qname.to_text()
+        key = domain.lower().rstrip(".")
         outcome = self._cached(key)
         if outcome is None:
-            outcome = await self._shared_lookup(key, qname)
+            outcome = await self._shared_lookup(key, _qname(domain))
         else:
             self.stats["hits"] += 1
         if outcome.error is not None:
@@ -217,7 +232,8 @@ class Resolver:
             return _permanent(550, "5.4.4", f"domain {domain} has no MX and no address records", ttl)
         except _DnsError as exc:
             return _Outcome(None, (type(exc), exc.code, exc.enhanced, exc.text), TRANSIENT_TTL)
-        return _Outcome([(0, [(domain, addresses)])], None, _clamp(min(ttl, addr_ttl)))
+        hops = tuple(NextHop(domain, address, 0) for address in addresses)
+        return _Outcome([[hops]], None, _clamp(min(ttl, addr_ttl)))
 
     async def _explicit_mx(self, domain: str, mxs: list[tuple[int, dns.name.Name]], ttl: float) -> _Outcome:
         """Resolve every exchange at once; skip those without addresses, fail only if none resolve."""
@@ -238,10 +254,11 @@ class Resolver:
             if not fresh:
                 continue
             host = exchange.to_text(omit_final_dot=True)
-            if groups and groups[-1][0] == preference:
-                groups[-1][1].append((host, fresh))
+            hops = tuple(NextHop(host, address, preference) for address in fresh)
+            if groups and groups[-1][0][0].preference == preference:
+                groups[-1].append(hops)
             else:
-                groups.append((preference, [(host, fresh)]))
+                groups.append([hops])
         if not groups:
             return _transient(f"no MX host of {domain} has an address")
         return _Outcome(groups, None, TRANSIENT_TTL if degraded else _clamp(ttl))
@@ -284,9 +301,9 @@ def _transient(text: str) -> _Outcome:
 
 
 def _flatten(groups: _Groups) -> list[NextHop]:
-    """One NextHop per address, preference order, exchanges of equal preference shuffled per call."""
+    """Preference order; exchanges of equal preference shuffled on every call to spread the load."""
     hops: list[NextHop] = []
-    for preference, exchanges in groups:
-        for host, addresses in random.sample(exchanges, len(exchanges)):
-            hops.extend(NextHop(host, address, preference) for address in addresses)
+    for exchanges in groups:
+        for exchange in random.sample(exchanges, len(exchanges)) if len(exchanges) > 1 else exchanges:
+            hops.extend(exchange)
     return hops

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -172,6 +173,22 @@ def test_timeout_is_transient_within_the_configured_timeout(dns_server: DnsServe
     elapsed = time.monotonic() - started
     assert info.value.code == 451
     assert 0.3 <= elapsed < 0.4 + 0.2
+
+
+def test_silent_first_nameserver_fails_over_within_the_timeout(dns_server: DnsServer, run: Run) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        resolver = Resolver([silent.getsockname(), (dns_server.host, dns_server.port)], timeout=1.0)
+        started = time.monotonic()
+        with pytest.raises(DnsPermanentError):
+            run(resolver.next_hops("missing.test"))
+        assert time.monotonic() - started < 0.9
+
+
+def test_nameserver_given_by_name(dns_server: DnsServer, run: Run) -> None:
+    dns_server.add("example.test", "A", "127.0.0.5")
+    resolver = Resolver([("localhost", dns_server.port)], timeout=1.0)
+    assert run(resolver.next_hops("example.test")) == [NextHop("example.test", "127.0.0.5", 0)]
 
 
 @pytest.mark.parametrize(
