@@ -119,7 +119,11 @@ def _qname(domain: str) -> dns.name.Name:
 
 
 class Resolver:
-    """Async MX resolver with a TTL cache and in-flight dedupe, shared by all deliveries of a worker."""
+    """Async MX resolver with a TTL cache and in-flight dedupe, shared by all deliveries of a worker.
+
+    `stats` counts cache hits, misses (lookups sent), lookups in flight, callers that joined a lookup
+    already in flight ("coalesced") and lookups that ended in a transient error ("errors").
+    """
 
     def __init__(
         self,
@@ -217,10 +221,9 @@ class Resolver:
             return await self._implicit_mx(qname, _negative_ttl(answer.response))
         mxs = sorted((rd.preference, rd.exchange) for rd in answer.rrset)
         ttl = float(answer.chaining_result.minimum_ttl)
-        if any(exchange == dns.name.root for _, exchange in mxs):
-            if len(mxs) == 1 and mxs[0][0] == 0:
-                return _permanent(556, "5.1.10", f"domain {domain} accepts no mail (null MX)", ttl)
-            mxs = [(pref, exchange) for pref, exchange in mxs if exchange != dns.name.root]
+        if len(mxs) == 1 and mxs[0][1] == dns.name.root:
+            return _permanent(556, "5.1.10", f"domain {domain} accepts no mail (null MX)", ttl)
+        mxs = [(pref, exchange) for pref, exchange in mxs if exchange != dns.name.root]
         return await self._explicit_mx(domain, mxs, ttl)
 
     async def _implicit_mx(self, qname: dns.name.Name, ttl: float) -> _Outcome:

@@ -96,13 +96,23 @@ def test_equal_preferences_are_shuffled(dns_server: DnsServer, resolver: Resolve
     assert asked(dns_server, "example.test", "MX") == 1
 
 
-def test_null_mx_bounces_without_address_lookups(dns_server: DnsServer, resolver: Resolver, run: Run) -> None:
-    dns_server.add("nomail.test", "MX", (0, "."))
+@pytest.mark.parametrize("preference", [0, 10])
+def test_null_mx_bounces_without_address_lookups(
+    dns_server: DnsServer, resolver: Resolver, run: Run, preference: int
+) -> None:
+    dns_server.add("nomail.test", "MX", (preference, "."))
     dns_server.add("nomail.test", "A", "127.0.0.1")
     with pytest.raises(DnsPermanentError) as info:
         run(resolver.next_hops("nomail.test"))
     assert (info.value.code, info.value.enhanced) == (556, "5.1.10")
     assert dns_server.queries == [("nomail.test", "MX")]
+
+
+def test_root_exchange_next_to_real_ones_is_ignored(dns_server: DnsServer, resolver: Resolver, run: Run) -> None:
+    dns_server.add("example.test", "MX", (0, "."))
+    dns_server.add("example.test", "MX", (10, "mx.example.test"))
+    dns_server.add("mx.example.test", "A", "127.0.0.3")
+    assert run(resolver.next_hops("example.test")) == [NextHop("mx.example.test", "127.0.0.3", 10)]
 
 
 def test_nxdomain_bounces(dns_server: DnsServer, resolver: Resolver, run: Run) -> None:
@@ -206,6 +216,14 @@ def test_address_literals_skip_dns(
 def test_bad_address_literals_bounce(dns_server: DnsServer, resolver: Resolver, run: Run, literal: str) -> None:
     with pytest.raises(DnsPermanentError):
         run(resolver.next_hops(literal))
+    assert dns_server.queries == []
+
+
+@pytest.mark.parametrize("domain", ["", ".", "a..test", "x" * 64 + ".test"])
+def test_invalid_domains_bounce(dns_server: DnsServer, resolver: Resolver, run: Run, domain: str) -> None:
+    with pytest.raises(DnsPermanentError) as info:
+        run(resolver.next_hops(domain))
+    assert info.value.enhanced == "5.1.2"
     assert dns_server.queries == []
 
 
