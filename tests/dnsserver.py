@@ -100,11 +100,10 @@ class DnsServer:
         return self.host, self.port
 
     def stop(self) -> None:
-        if self._thread is None:
-            return
-        self._wake_w.send(b"x")
-        self._thread.join(timeout=5)
-        self._thread = None
+        if self._thread is not None:
+            self._wake_w.send(b"x")
+            self._thread.join(timeout=5)
+            self._thread = None
         for sock in (self._udp, self._tcp, self._wake_r, self._wake_w):
             if sock is not None:
                 sock.close()
