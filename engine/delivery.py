@@ -10,6 +10,7 @@ never an exception.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import re
 import ssl
@@ -161,6 +162,7 @@ class Deliverer:
         self._egress = egress
         self._command_timeout = command_timeout
         self._source = (egress.source_address, 0) if egress.source_address else None
+        self._family = _ip_version(egress.source_address) if egress.source_address else None
         self._tls = _insecure_context()
         self._pools: dict[str, _Pool] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -226,7 +228,13 @@ class Deliverer:
         if route is not None:
             return [_Hop(route.host, route.host, route.port)]
         hops = await self._resolver.next_hops(domain)
-        return [_Hop(hop.host, hop.address, shaping.smtp_port) for hop in hops]
+        # A socket bound to an IPv4 source cannot reach an IPv6 exchange (nor the other way round):
+        # skip those rather than let their "address family" error hide why the usable hops failed.
+        return [
+            _Hop(hop.host, hop.address, shaping.smtp_port)
+            for hop in hops
+            if self._family is None or _ip_version(hop.address) == self._family
+        ]
 
     # Pool: who gets a session, and what happens to it afterwards.
 
@@ -314,7 +322,7 @@ class Deliverer:
 
     async def _open(self, hops: list[_Hop], shaping: Shaping) -> _Session:
         """A ready session on the first hop that gives one; the last hop's failure otherwise."""
-        failure = _HopFailed(Response(451, "4.4.1", "no next hops"))
+        failure = _HopFailed(Response(451, "4.4.1", "no next hop reachable from this egress address"))
         for hop in hops:
             try:
                 return await self._open_hop(hop, shaping)
@@ -444,6 +452,13 @@ class Deliverer:
 
 def _unreachable(reason: str) -> _HopFailed:
     return _HopFailed(Response(451, "4.4.1", f"all next hops failed: {reason}"))
+
+
+def _ip_version(address: str) -> int | None:
+    try:
+        return ipaddress.ip_address(address).version
+    except ValueError:
+        return None
 
 
 def _describe(exc: BaseException) -> str:

@@ -11,12 +11,15 @@ import datetime
 import fnmatch
 import json
 import ssl
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import uvloop
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -27,6 +30,7 @@ from engine.delivery import Attempt, Deliverer, Peer, Response
 from engine.resolver import Resolver
 from tests.dnsserver import DnsServer
 
+pytestmark = pytest.mark.timeout(60)
 T = TypeVar("T")
 DEFAULT_EGRESS = Egress("default", None, "engine.test", 1)
 MESSAGE = b"From: a@sender.test\r\nTo: b@dest.test\r\nSubject: hi\r\n\r\nhello\r\n.leading dot\r\n"
@@ -166,11 +170,19 @@ class FakeMx:
         return b"".join(lines)
 
 
-def run(scenario: Callable[[], Awaitable[T]]) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(scenario(), 15)
+Runner = Callable[[Callable[[], Awaitable[T]]], T]
 
-    return asyncio.run(bounded())
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Runner:
+    """Run a scenario on stock asyncio and on uvloop (what workers use), bounded in time."""
+    factory = uvloop.new_event_loop if request.param == "uvloop" else None
+
+    def runner(scenario: Callable[[], Awaitable[T]]) -> T:
+        with asyncio.Runner(loop_factory=factory) as loop:
+            return loop.run(asyncio.wait_for(scenario(), 15))
+
+    return runner
 
 
 @pytest.fixture
@@ -196,6 +208,33 @@ def config_file(tmp_path: Path, routes: dict[str, str] | None = None, **shaping:
     path = tmp_path / "engine.toml"
     path.write_text("\n".join(lines) + "\n")
     return load_config(path)
+
+
+@dataclass(frozen=True)
+class Sink:
+    port: int
+    record: Path
+
+    def received(self) -> list[tuple[dict[str, Any], bytes]]:
+        """(envelope, message) of every recorded message, in arrival order."""
+        envelopes = sorted(self.record.glob("*.json"))
+        return [(json.loads(e.read_text()), e.with_suffix(".eml").read_bytes()) for e in envelopes]
+
+
+@pytest.fixture
+def sink(tmp_path: Path) -> Iterator[Sink]:
+    """`engine sink` in a subprocess, recording to a directory and refusing later@ and gone@."""
+    record = tmp_path / "sink"
+    replies = "later@*=451 4.3.0 try later;gone@*=550 5.1.1 no such user"
+    command = ["engine", "sink", "--listen", "127.0.0.1:0", "--record", str(record), "--reply", replies]
+    process = subprocess.Popen([sys.executable, "-m", *command], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        listening = json.loads(process.stdout.readline())["listening"]
+        yield Sink(int(listening.rpartition(":")[2]), record)
+    finally:
+        process.terminate()
+        process.wait(5)
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +302,7 @@ def test_response_parse_strips_enhanced_codes_of_every_line() -> None:
     assert Response.parse(451, "4.3.0").transient
 
 
-def test_route_delivers_and_names_the_peer(make: Callable[..., Deliverer], dns: DnsServer) -> None:
+def test_route_delivers_and_names_the_peer(make: Callable[..., Deliverer], dns: DnsServer, run: Runner) -> None:
     async def scenario() -> None:
         mx = FakeMx()
         port = await mx.start()
@@ -283,7 +322,42 @@ def test_route_delivers_and_names_the_peer(make: Callable[..., Deliverer], dns: 
     assert dns.queries == []
 
 
-def test_mx_failover_to_the_second_mx_when_the_first_refuses(make: Callable[..., Deliverer], dns: DnsServer) -> None:
+def test_sink_gets_each_message_once_from_the_egress_address(
+    make: Callable[..., Deliverer], sink: Sink, run: Runner
+) -> None:
+    async def scenario() -> list[Attempt]:
+        egress = Egress("tx-1", "127.0.0.3", "tx1.sender.test", 1)
+        deliverer = make(routes={"dest.test": f"127.0.0.1:{sink.port}"}, egress=egress)
+        recipients = ["ok@dest.test", "later@dest.test", "gone@dest.test", "ok2@dest.test"]
+        attempts = [await send(deliverer, recipients) for _ in range(3)]
+        assert deliverer.connections() == {"dest.test": 1}
+        await deliverer.close()
+        return attempts
+
+    for attempt in run(scenario):
+        assert {rcpt: r.code for rcpt, r in attempt.responses.items()} == {
+            "ok@dest.test": 250,
+            "later@dest.test": 451,
+            "gone@dest.test": 550,
+            "ok2@dest.test": 250,
+        }
+        assert attempt.responses["gone@dest.test"] == Response(550, "5.1.1", "no such user")
+        assert attempt.peer == Peer("127.0.0.1", "127.0.0.1")
+    received = sink.received()
+    assert len(received) == 3
+    for envelope, message in received:
+        assert envelope["recipients"] == ["ok@dest.test", "ok2@dest.test"]
+        assert (envelope["sender"], envelope["peer"], envelope["helo"]) == (
+            "a@sender.test",
+            "127.0.0.3",
+            "tx1.sender.test",
+        )
+        assert message == MESSAGE
+
+
+def test_mx_failover_to_the_second_mx_when_the_first_refuses(
+    make: Callable[..., Deliverer], dns: DnsServer, run: Runner
+) -> None:
     async def scenario() -> None:
         (mx2,) = await shared_port_servers("127.0.0.6")
         dns.add("dest.test", "MX", (10, "mx1.dest.test"))
@@ -301,7 +375,7 @@ def test_mx_failover_to_the_second_mx_when_the_first_refuses(make: Callable[...,
     run(scenario)
 
 
-def test_failover_on_greeting_rejection_and_tarpit(make: Callable[..., Deliverer], dns: DnsServer) -> None:
+def test_failover_on_greeting_rejection_and_tarpit(make: Callable[..., Deliverer], dns: DnsServer, run: Runner) -> None:
     async def scenario() -> None:
         hosts = ("127.0.0.5", "127.0.0.6", "127.0.0.7")
         rejecting, tarpit, good = await shared_port_servers(*hosts)
@@ -321,7 +395,7 @@ def test_failover_on_greeting_rejection_and_tarpit(make: Callable[..., Deliverer
     run(scenario)
 
 
-def test_route_bypasses_mx(make: Callable[..., Deliverer], dns: DnsServer) -> None:
+def test_route_bypasses_mx(make: Callable[..., Deliverer], dns: DnsServer, run: Runner) -> None:
     async def scenario() -> None:
         via_mx, via_route = await shared_port_servers("127.0.0.5", "127.0.0.6")
         dns.add("dest.test", "MX", (10, "mx.dest.test"))
@@ -336,7 +410,9 @@ def test_route_bypasses_mx(make: Callable[..., Deliverer], dns: DnsServer) -> No
     assert dns.queries == []
 
 
-def test_all_hops_failed_is_transient_with_the_last_reason(make: Callable[..., Deliverer], dns: DnsServer) -> None:
+def test_all_hops_failed_is_transient_with_the_last_reason(
+    make: Callable[..., Deliverer], dns: DnsServer, run: Runner
+) -> None:
     dns.add("dest.test", "MX", (10, "mx1.dest.test"))
     dns.add("dest.test", "MX", (20, "mx2.dest.test"))
     dns.add("mx1.dest.test", "A", "127.0.0.5")
@@ -349,9 +425,29 @@ def test_all_hops_failed_is_transient_with_the_last_reason(make: Callable[..., D
         assert response.text.startswith("all next hops failed: mx2.dest.test[127.0.0.6]:1: connection refused")
 
 
+def test_hops_of_the_other_address_family_are_skipped(
+    make: Callable[..., Deliverer], dns: DnsServer, run: Runner
+) -> None:
+    dns.add("dest.test", "MX", (10, "mx4.dest.test"))
+    dns.add("dest.test", "MX", (20, "mx6.dest.test"))
+    dns.add("mx4.dest.test", "A", "127.0.0.6")
+    dns.add("mx6.dest.test", "AAAA", "::1")
+    dns.add("v6only.test", "MX", (10, "mx6.dest.test"))
+    deliverer = make(smtp_port=1, egress=Egress("tx-1", "127.0.0.3", "tx1.sender.test", 1))
+
+    async def scenario() -> tuple[Attempt, Attempt]:
+        both = await send(deliverer, ["b@dest.test"])
+        v6only = await deliverer.deliver("v6only.test", "a@sender.test", ["b@v6only.test"], MESSAGE)
+        return both, v6only
+
+    both, v6only = run(scenario)
+    assert both.responses["b@dest.test"].text.endswith("mx4.dest.test[127.0.0.6]:1: connection refused")
+    assert v6only.responses["b@v6only.test"] == Response(451, "4.4.1", "no next hop reachable from this egress address")
+
+
 @pytest.mark.parametrize(("rcode", "code", "enhanced"), [("NXDOMAIN", 550, "5.1.2"), ("SERVFAIL", 451, "4.4.3")])
 def test_dns_failure_answers_every_recipient(
-    make: Callable[..., Deliverer], dns: DnsServer, rcode: str, code: int, enhanced: str
+    make: Callable[..., Deliverer], dns: DnsServer, rcode: str, code: int, enhanced: str, run: Runner
 ) -> None:
     dns.fail("dest.test", rcode)
     attempt = run(lambda: send(make(), ["b@dest.test", "c@dest.test"]))
@@ -360,7 +456,7 @@ def test_dns_failure_answers_every_recipient(
     assert len(attempt.responses) == 2
 
 
-def test_session_is_reused_then_retired_after_max_deliveries(make: Callable[..., Deliverer]) -> None:
+def test_session_is_reused_then_retired_after_max_deliveries(make: Callable[..., Deliverer], run: Runner) -> None:
     async def scenario() -> None:
         mx = FakeMx()
         port = await mx.start()
@@ -379,7 +475,7 @@ def test_session_is_reused_then_retired_after_max_deliveries(make: Callable[...,
     run(scenario)
 
 
-def test_idle_session_is_closed_after_idle_timeout(make: Callable[..., Deliverer]) -> None:
+def test_idle_session_is_closed_after_idle_timeout(make: Callable[..., Deliverer], run: Runner) -> None:
     async def scenario() -> None:
         mx = FakeMx()
         port = await mx.start()
@@ -398,7 +494,9 @@ def test_idle_session_is_closed_after_idle_timeout(make: Callable[..., Deliverer
 
 
 @pytest.mark.parametrize("stale", ["close", "421"])
-def test_session_closed_by_the_server_is_replaced_transparently(make: Callable[..., Deliverer], stale: str) -> None:
+def test_session_closed_by_the_server_is_replaced_transparently(
+    make: Callable[..., Deliverer], stale: str, run: Runner
+) -> None:
     async def scenario() -> None:
         mx = FakeMx(transactions_per_connection=1, stale=stale)
         port = await mx.start()
@@ -413,7 +511,7 @@ def test_session_closed_by_the_server_is_replaced_transparently(make: Callable[.
     run(scenario)
 
 
-def test_connection_limit_queues_the_rest(make: Callable[..., Deliverer]) -> None:
+def test_connection_limit_queues_the_rest(make: Callable[..., Deliverer], run: Runner) -> None:
     async def scenario() -> None:
         mx = FakeMx(data="delay")
         port = await mx.start()
@@ -429,7 +527,7 @@ def test_connection_limit_queues_the_rest(make: Callable[..., Deliverer]) -> Non
     run(scenario)
 
 
-def test_mixed_recipient_replies_in_one_transaction(make: Callable[..., Deliverer]) -> None:
+def test_mixed_recipient_replies_in_one_transaction(make: Callable[..., Deliverer], run: Runner) -> None:
     async def scenario() -> None:
         mx = FakeMx(rcpt_replies={"later@*": b"451 4.3.0 try later", "gone@*": b"550 5.1.1 no such user"})
         port = await mx.start()
@@ -451,7 +549,7 @@ def test_mixed_recipient_replies_in_one_transaction(make: Callable[..., Delivere
 
 
 def test_no_data_when_every_recipient_is_refused_and_the_session_is_reset(
-    make: Callable[..., Deliverer],
+    make: Callable[..., Deliverer], run: Runner
 ) -> None:
     async def scenario() -> None:
         mx = FakeMx(rcpt_replies={"gone@*": b"550 5.1.1 no such user"})
@@ -470,7 +568,7 @@ def test_no_data_when_every_recipient_is_refused_and_the_session_is_reset(
     run(scenario)
 
 
-def test_mail_from_rejection_answers_every_recipient(make: Callable[..., Deliverer]) -> None:
+def test_mail_from_rejection_answers_every_recipient(make: Callable[..., Deliverer], run: Runner) -> None:
     async def scenario() -> None:
         mx = FakeMx(mail_reply=b"550 5.7.1 sender blocked")
         port = await mx.start()
@@ -485,7 +583,9 @@ def test_mail_from_rejection_answers_every_recipient(make: Callable[..., Deliver
 
 
 @pytest.mark.parametrize("behaviour", ["drop_mid", "drop_after_dot", "tarpit"])
-def test_connection_lost_mid_transaction_is_transient(tmp_path: Path, dns: DnsServer, behaviour: str) -> None:
+def test_connection_lost_mid_transaction_is_transient(
+    tmp_path: Path, dns: DnsServer, behaviour: str, run: Runner
+) -> None:
     async def scenario() -> None:
         mx = FakeMx(data=behaviour, rcpt_replies={"gone@*": b"550 5.1.1 no such user"})
         port = await mx.start()
@@ -505,7 +605,7 @@ def test_connection_lost_mid_transaction_is_transient(tmp_path: Path, dns: DnsSe
 
 
 def test_opportunistic_tls_upgrades_without_verifying(
-    make: Callable[..., Deliverer], server_tls: ssl.SSLContext
+    make: Callable[..., Deliverer], server_tls: ssl.SSLContext, run: Runner
 ) -> None:
     async def scenario() -> None:
         mx = FakeMx(tls=server_tls)
@@ -522,7 +622,7 @@ def test_opportunistic_tls_upgrades_without_verifying(
 
 
 def test_opportunistic_tls_falls_back_to_clear_text_by_reconnecting(
-    make: Callable[..., Deliverer], server_tls: ssl.SSLContext
+    make: Callable[..., Deliverer], server_tls: ssl.SSLContext, run: Runner
 ) -> None:
     async def scenario() -> None:
         mx = FakeMx(tls=server_tls, tls_broken=True)
@@ -539,7 +639,7 @@ def test_opportunistic_tls_falls_back_to_clear_text_by_reconnecting(
     run(scenario)
 
 
-def test_required_tls_defers_when_the_server_offers_no_starttls(make: Callable[..., Deliverer]) -> None:
+def test_required_tls_defers_when_the_server_offers_no_starttls(make: Callable[..., Deliverer], run: Runner) -> None:
     async def scenario() -> None:
         mx = FakeMx()
         port = await mx.start()
@@ -558,7 +658,7 @@ def test_required_tls_defers_when_the_server_offers_no_starttls(make: Callable[.
 
 @pytest.mark.parametrize(("broken", "code"), [(False, 250), (True, 451)])
 def test_required_tls_sends_only_over_tls(
-    make: Callable[..., Deliverer], server_tls: ssl.SSLContext, broken: bool, code: int
+    make: Callable[..., Deliverer], server_tls: ssl.SSLContext, broken: bool, code: int, run: Runner
 ) -> None:
     async def scenario() -> None:
         mx = FakeMx(tls=server_tls, tls_broken=broken)
@@ -574,7 +674,7 @@ def test_required_tls_sends_only_over_tls(
     run(scenario)
 
 
-def test_disabled_tls_never_starts_tls(make: Callable[..., Deliverer], server_tls: ssl.SSLContext) -> None:
+def test_disabled_tls_never_starts_tls(make: Callable[..., Deliverer], server_tls: ssl.SSLContext, run: Runner) -> None:
     async def scenario() -> None:
         mx = FakeMx(tls=server_tls)
         port = await mx.start()
@@ -588,7 +688,7 @@ def test_disabled_tls_never_starts_tls(make: Callable[..., Deliverer], server_tl
     run(scenario)
 
 
-def test_source_address_and_ehlo_name_come_from_the_egress(make: Callable[..., Deliverer]) -> None:
+def test_source_address_and_ehlo_name_come_from_the_egress(make: Callable[..., Deliverer], run: Runner) -> None:
     async def scenario() -> None:
         mx = FakeMx()
         port = await mx.start()
@@ -603,7 +703,7 @@ def test_source_address_and_ehlo_name_come_from_the_egress(make: Callable[..., D
     run(scenario)
 
 
-def test_unsafe_addresses_are_refused_before_anything_is_sent(make: Callable[..., Deliverer]) -> None:
+def test_unsafe_addresses_are_refused_before_anything_is_sent(make: Callable[..., Deliverer], run: Runner) -> None:
     async def scenario() -> None:
         mx = FakeMx()
         port = await mx.start()
@@ -625,7 +725,7 @@ def test_unsafe_addresses_are_refused_before_anything_is_sent(make: Callable[...
 
 @pytest.mark.parametrize(("extensions", "code"), [(("SMTPUTF8", "8BITMIME"), 250), (("8BITMIME",), 553)])
 def test_smtputf8_is_required_for_non_ascii_addresses(
-    make: Callable[..., Deliverer], extensions: tuple[str, ...], code: int
+    make: Callable[..., Deliverer], extensions: tuple[str, ...], code: int, run: Runner
 ) -> None:
     async def scenario() -> None:
         mx = FakeMx(extensions=extensions)
@@ -645,7 +745,7 @@ def test_smtputf8_is_required_for_non_ascii_addresses(
     run(scenario)
 
 
-def test_8bitmime_only_for_8bit_bodies(make: Callable[..., Deliverer]) -> None:
+def test_8bitmime_only_for_8bit_bodies(make: Callable[..., Deliverer], run: Runner) -> None:
     async def scenario() -> None:
         mx = FakeMx()
         port = await mx.start()
@@ -659,7 +759,7 @@ def test_8bitmime_only_for_8bit_bodies(make: Callable[..., Deliverer]) -> None:
     run(scenario)
 
 
-def test_helo_fallback_when_ehlo_is_unknown(make: Callable[..., Deliverer]) -> None:
+def test_helo_fallback_when_ehlo_is_unknown(make: Callable[..., Deliverer], run: Runner) -> None:
     async def scenario() -> None:
         mx = FakeMx(ehlo_reply=b"502 5.5.2 what")
         port = await mx.start()
@@ -673,7 +773,9 @@ def test_helo_fallback_when_ehlo_is_unknown(make: Callable[..., Deliverer]) -> N
     run(scenario)
 
 
-def test_reload_applies_new_shaping_to_open_sessions(make: Callable[..., Deliverer], tmp_path: Path) -> None:
+def test_reload_applies_new_shaping_to_open_sessions(
+    make: Callable[..., Deliverer], tmp_path: Path, run: Runner
+) -> None:
     async def scenario() -> None:
         mx = FakeMx()
         port = await mx.start()
