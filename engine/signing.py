@@ -1,0 +1,260 @@
+"""DKIM signing (RFC 6376, RFC 8463) with keys parsed once and the private-key operation in OpenSSL.
+
+dkimpy does the header parsing, header canonicalisation and header hashing; stock `dkim.sign` re-parses
+the PEM on every call and runs RSA in pure Python (~6 ms per message), so the signature itself is made
+here with `cryptography`. Relaxed body canonicalisation, the one loop that grows with the message, is in
+engine.dkimcanon.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import hashlib
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import dkim
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from dkim.canonicalization import CanonicalizationPolicy
+
+from engine.dkimcanon import relaxed_body, simple_body
+
+ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+MIN_RSA_BITS = 2048
+RSA_KEYGEN_BITS = 2048
+
+# Signed when present, in this order; From once more than present so that an added From breaks it.
+SIGNED_HEADERS = (
+    b"from",
+    b"to",
+    b"cc",
+    b"subject",
+    b"date",
+    b"message-id",
+    b"mime-version",
+    b"content-type",
+    b"content-transfer-encoding",
+    b"reply-to",
+    b"list-unsubscribe",
+    b"list-unsubscribe-post",
+    b"feedback-id",
+)
+OVERSIGNED = frozenset({b"from"})
+
+FOLD_COLUMN = 76
+SIG_LINE = 64
+SIG_NAME = b"DKIM-Signature"
+_SELECTOR = re.compile(r"[a-z0-9](?:[a-z0-9_-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9_-]*[a-z0-9])?)*\Z", re.I)
+_CANONICALIZATIONS = {"simple", "relaxed"}
+_BODY_CANON = {"simple": simple_body, "relaxed": relaxed_body}
+
+
+class DkimKeyError(Exception):
+    """A configured DKIM key cannot be used; raised when keys load, never when a message is signed."""
+
+
+class DkimKeyConfig(Protocol):
+    """What engine.config.DkimKey provides."""
+
+    domain: str
+    selector: str
+    key_file: Path
+    algorithm: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    domain: bytes
+    selector: bytes
+    algorithm: bytes
+    private: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+
+def _ascii_domain(domain: str) -> str:
+    """Lower-case A-label form, so keys and From domains compare whatever script they came in."""
+    domain = domain.strip().rstrip(".").lower()
+    try:
+        return domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain
+
+
+def _load_key(config: DkimKeyConfig) -> _Key:
+    path = Path(config.key_file)
+    where = f"{path} (dkim.{config.domain})"
+    if config.algorithm not in ALGORITHMS:
+        raise DkimKeyError(f"{where}: algorithm {config.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+    if not _SELECTOR.match(config.selector):
+        raise DkimKeyError(f"{where}: selector {config.selector!r} is not a DNS name")
+    domain = _ascii_domain(config.domain)
+    if not domain or not _SELECTOR.match(domain):
+        raise DkimKeyError(f"{where}: domain {config.domain!r} is not a DNS name")
+    try:
+        pem = path.read_bytes()
+    except OSError as error:
+        raise DkimKeyError(f"{where}: cannot read key file: {error.strerror or error}") from error
+    try:
+        private = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as error:
+        raise DkimKeyError(f"{where}: not an unencrypted PEM private key ({error})") from error
+    if config.algorithm == "rsa-sha256":
+        if not isinstance(private, rsa.RSAPrivateKey):
+            raise DkimKeyError(f"{where}: rsa-sha256 needs an RSA key, the file holds {_kind(private)}")
+        if private.key_size < MIN_RSA_BITS:
+            raise DkimKeyError(f"{where}: RSA key is {private.key_size} bits, at least {MIN_RSA_BITS} needed")
+    elif not isinstance(private, ed25519.Ed25519PrivateKey):
+        raise DkimKeyError(f"{where}: ed25519-sha256 needs an Ed25519 key, the file holds {_kind(private)}")
+    return _Key(domain.encode(), config.selector.encode(), config.algorithm.encode(), private)
+
+
+def _kind(private: object) -> str:
+    if isinstance(private, rsa.RSAPrivateKey):
+        return "an RSA key"
+    if isinstance(private, ed25519.Ed25519PrivateKey):
+        return "an Ed25519 key"
+    return f"a {type(private).__name__} key"
+
+
+def _from_domain(headers: list[list[bytes]]) -> str | None:
+    """The domain of the one author address, or None when there is no single From with one address."""
+    values = [value for name, value in headers if name.lower() == b"from"]
+    if len(values) != 1:
+        return None
+    unfolded = re.sub(rb"\r?\n", b"", values[0]).decode("utf-8", "replace")
+    addresses = [address for _, address in email.utils.getaddresses([unfolded]) if "@" in address]
+    if len(addresses) != 1:
+        return None
+    return _ascii_domain(addresses[0].rpartition("@")[2])
+
+
+def _include_headers(headers: list[list[bytes]]) -> list[bytes]:
+    counts: dict[bytes, int] = {}
+    for name, _ in headers:
+        lowered = name.lower()
+        counts[lowered] = counts.get(lowered, 0) + 1
+    include = [name for name in SIGNED_HEADERS for _ in range(counts.get(name, 0))]
+    return include + [name for name in SIGNED_HEADERS if name in OVERSIGNED]
+
+
+def _fold(parts: list[tuple[bytes, bytes]], column: int) -> bytes:
+    """Join (separator, atom) pairs, turning a separator into CRLF + space where a line would pass 76."""
+    out = []
+    for separator, atom in parts:
+        if column + len(separator) + len(atom) > FOLD_COLUMN and column > 1:
+            out.append(b"\r\n " + atom)
+            column = 1 + len(atom)
+        else:
+            out.append(separator + atom)
+            column += len(separator) + len(atom)
+    return b"".join(out)
+
+
+class DkimSigner:
+    """Signs outgoing messages with the key of their From domain (or of its nearest parent that has one)."""
+
+    def __init__(self, keys: Mapping[str, _Key]) -> None:
+        self._keys = dict(keys)
+        self.domains = frozenset(self._keys)
+        self._policies = {
+            (header, body): CanonicalizationPolicy.from_c_value(f"{header}/{body}".encode())
+            for header in _CANONICALIZATIONS
+            for body in _CANONICALIZATIONS
+        }
+
+    @classmethod
+    def from_config(cls, keys: Mapping[str, DkimKeyConfig]) -> DkimSigner:
+        """Load and check every key now, so a bad one is a configuration error at start or SIGHUP."""
+        loaded = [_load_key(config) for config in keys.values()]
+        return cls({key.domain.decode(): key for key in loaded})
+
+    def key_for(self, domain: str) -> _Key | None:
+        """The key of `domain` itself, else of its closest parent domain that has one."""
+        labels = domain.split(".")
+        for start in range(len(labels)):
+            key = self._keys.get(".".join(labels[start:]))
+            if key is not None:
+                return key
+        return None
+
+    def sign(self, message: bytes, canonicalization: tuple[str, str] = ("relaxed", "relaxed")) -> bytes | None:
+        """The DKIM-Signature header (folded, CRLF-terminated) to prepend to `message`.
+
+        None when the message has no single From address or no key covers its domain: it goes unsigned.
+        """
+        policy = self._policies.get(canonicalization)
+        if policy is None:
+            raise ValueError(f"canonicalization must be two of simple/relaxed, not {canonicalization!r}")
+        end = message.find(b"\r\n\r\n")
+        head, body = (message, b"") if end < 0 else (message[: end + 2], message[end + 4 :])
+        try:
+            headers = dkim.rfc822_parse(head)[0]
+        except dkim.MessageFormatError:
+            return None
+        domain = _from_domain(headers)
+        key = None if domain is None else self.key_for(domain)
+        if key is None:
+            return None
+        include = _include_headers(headers)
+        body_hash = base64.b64encode(hashlib.sha256(_BODY_CANON[canonicalization[1]](body)).digest())
+        tags = [
+            (b"", b"v=1;"),
+            (b" ", b"a=" + key.algorithm + b";"),
+            (b" ", b"c=" + policy.to_c_value() + b";"),
+            (b" ", b"d=" + key.domain + b";"),
+            (b" ", b"s=" + key.selector + b";"),
+            (b" ", b"t=%d;" % time.time()),
+            *[(b" " if i == 0 else b"", b"h=" * (i == 0) + name + b":") for i, name in enumerate(include[:-1])],
+            (b"", include[-1] + b";"),
+            (b" ", b"bh=" + body_hash + b";"),
+        ]
+        folded = _fold(tags, len(SIG_NAME) + 2)
+        unsigned = b" " + folded + b"\r\n b="
+        hasher = hashlib.sha256()
+        dkim.hash_headers(hasher, policy, policy.canonicalize_headers(headers), include, (SIG_NAME, unsigned), None)
+        signature = base64.b64encode(self._sign_digest(key, hasher.digest()))
+        lines = b"\r\n ".join(signature[i : i + SIG_LINE] for i in range(0, len(signature), SIG_LINE))
+        return SIG_NAME + b":" + unsigned + lines + b"\r\n"
+
+    @staticmethod
+    def _sign_digest(key: _Key, digest: bytes) -> bytes:
+        if isinstance(key.private, rsa.RSAPrivateKey):
+            return key.private.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        return key.private.sign(digest)
+
+
+def generate_key(domain: str, selector: str, algorithm: str, out: Path) -> tuple[str, str]:
+    """Write a new private key (PEM, mode 0600, never over an existing file) and return its DNS TXT record.
+
+    Returns (name, value), e.g. ("s2026._domainkey.example.net", "v=DKIM1; k=rsa; p=MIIB...").
+    """
+    if algorithm == "rsa-sha256":
+        private: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey = rsa.generate_private_key(
+            public_exponent=65537, key_size=RSA_KEYGEN_BITS
+        )
+        public = private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        kind = "rsa"
+    elif algorithm == "ed25519-sha256":
+        private = ed25519.Ed25519PrivateKey.generate()
+        public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        kind = "ed25519"
+    else:
+        raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(pem)
+    name = f"{selector}._domainkey.{_ascii_domain(domain)}"
+    return name, f"v=DKIM1; k={kind}; p={base64.b64encode(public).decode('ascii')}"
