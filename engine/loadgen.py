@@ -25,6 +25,7 @@ from engine.smtp.client import Reply, SMTPClientError, SMTPConnection, SMTPTimeo
 __all__ = ["LoadReport", "run_load", "send_command"]
 
 _LINE = 76
+_WINDOW = 2  # messages in flight per session: the body of one leaves in the same write as the next envelope
 _VOCABULARY = (
     "the of and to in is for that on with as delivery message queue sender recipient domain lane bulk "
     "transactional throughput latency retry bounce header body campaign tenant priority spool engine "
@@ -195,40 +196,57 @@ class _Run:
     def done(self) -> int:
         return self.sent + self.failed.total()
 
+    def take(self) -> int | None:
+        """The next message number to send, or None when all are handed out."""
+        if self.next > self.count:
+            return None
+        self.next += 1
+        return self.next - 1
+
     async def session(self) -> None:
         """Send messages over one connection until none are left; reconnect after a broken session."""
-        conn: SMTPConnection | None = None
-        composer, sender, clock = self.composer, self.sender, time.perf_counter
-        try:
-            while self.next <= self.count:
-                n = self.next
-                self.next += 1
-                try:
-                    if conn is None or conn.closed:
-                        conn = await SMTPConnection.open(*self.server)
-                    start = clock()
-                    mail, rcpts, data = await conn.send_message(sender, composer.recipients(n), composer.message(n))
-                    latency = clock() - start
-                except SMTPTimeoutError:
-                    self.failed["timeout"] += 1
-                    continue
-                except SMTPClientError as exc:
-                    self.failed[str(exc.reply.code) if exc.reply else "connection"] += 1
-                    continue
-                except OSError:
-                    self.failed["connect"] += 1
-                    continue
-                for reply in rcpts:
-                    if not reply.ok:
-                        self.refused[str(reply.code)] += 1
-                if data is not None and data.ok:
-                    self.sent += 1
-                    self.latencies.append(latency)
-                else:
-                    self.failed[str(_first_failure(mail, rcpts, data))] += 1
-        finally:
-            if conn is not None:
+        while (n := self.take()) is not None:
+            try:
+                conn = await SMTPConnection.open(*self.server)
+            except OSError:
+                self.failed["connect"] += 1
+                continue
+            except SMTPClientError as exc:
+                self._failure(exc)
+                continue
+            try:
+                await asyncio.gather(*(self.stream(conn, n if i == 0 else None) for i in range(_WINDOW)))
+            finally:
                 await conn.quit()
+
+    async def stream(self, conn: SMTPConnection, n: int | None) -> None:
+        """One of the overlapping senders on a connection: runs until the work or the connection ends."""
+        composer, sender, clock = self.composer, self.sender, time.perf_counter
+        if n is None:
+            n = self.take()
+        while n is not None:
+            start = clock()
+            try:
+                mail, rcpts, data = await conn.send_message(sender, composer.recipients(n), composer.message(n))
+            except SMTPClientError as exc:
+                self._failure(exc)
+                return
+            latency = clock() - start
+            for reply in rcpts:
+                if not reply.ok:
+                    self.refused[str(reply.code)] += 1
+            if data is not None and data.ok:
+                self.sent += 1
+                self.latencies.append(latency)
+            else:
+                self.failed[str(_first_failure(mail, rcpts, data))] += 1
+            n = None if conn.closed else self.take()
+
+    def _failure(self, exc: SMTPClientError) -> None:
+        if isinstance(exc, SMTPTimeoutError):
+            self.failed["timeout"] += 1
+        else:
+            self.failed[str(exc.reply.code) if exc.reply else "connection"] += 1
 
 
 def _first_failure(mail: Reply, rcpts: list[Reply], data: Reply | None) -> int:

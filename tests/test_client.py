@@ -28,7 +28,8 @@ class Peer:
 
     `replies` maps an address (MAIL or RCPT) to the raw reply to give it ("\\r\\n" inside for several lines);
     `silent` names verbs (or "END" for end of data) that get no reply; at a `hangup` address the server
-    closes the connection without a word; `dribble` sends replies a few bytes at a time.
+    closes the connection without a word; `dribble` sends replies a few bytes at a time; `record` off keeps
+    long benchmark runs from hoarding memory.
     """
 
     pipelining: bool = True
@@ -40,10 +41,12 @@ class Peer:
     hangup: set[str] = field(default_factory=set)
     data_without_recipients: bool = False
     dribble: bool = False
+    record: bool = True
     reads: list[bytes] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     messages: list[Received] = field(default_factory=list)
     sessions: int = 0
+    accepted: int = 0
     port: int = 0
 
     async def start(self) -> None:
@@ -85,7 +88,8 @@ class _PeerProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
-        peer.reads.append(data)
+        if peer.record:
+            peer.reads.append(data)
         self.buf += data
         out: list[str] = []
         close = False
@@ -100,10 +104,13 @@ class _PeerProtocol(asyncio.Protocol):
                     end += 2
                 wire, self.buf = self.buf[:end], self.buf[end + 3 :]
                 self.in_data = False
-                peer.commands.append("END")
+                if peer.record:
+                    peer.commands.append("END")
                 if self.recipients:
-                    peer.messages.append(Received(self.sender, self.recipients, wire))
-                    reply = peer.ok(f"250 2.0.0 queued as {len(peer.messages)}")
+                    peer.accepted += 1
+                    if peer.record:
+                        peer.messages.append(Received(self.sender, self.recipients, wire))
+                    reply = peer.ok(f"250 2.0.0 queued as {peer.accepted}")
                 else:
                     reply = peer.ok("554 5.5.1 no valid recipients")
                 self.sender, self.recipients = None, []
@@ -115,7 +122,8 @@ class _PeerProtocol(asyncio.Protocol):
                 break
             self.buf = rest
             command = line.decode()
-            peer.commands.append(command)
+            if peer.record:
+                peer.commands.append(command)
             verb = command[:4].upper()
             reply, close = self.answer(verb, command)
             if reply and verb not in peer.silent:
@@ -504,3 +512,47 @@ def test_many_messages_over_one_connection(run) -> None:
     run(go())
     assert peer.sessions == 1
     assert [m.recipients[0] for m in peer.messages] == [f"u{i}@d.test" for i in range(200)]
+
+
+def test_concurrent_messages_overlap_body_and_next_envelope(run) -> None:
+    peer = Peer(replies={"bad@d.test": "550 5.1.1 no such user"})
+
+    async def go():
+        conn = await connect(peer)
+        return await asyncio.gather(
+            *(conn.send_message("a@src.test", [rcpt], MESSAGE) for rcpt in ("x@d.test", "bad@d.test", "y@d.test"))
+        )
+
+    first, refused, last = run(go())
+    assert first[2].code == 250 and refused[2] is None and last[2].code == 250
+    assert refused[1] == [Reply(550, "5.1.1", "no such user")]
+    assert [m.recipients for m in peer.messages] == [["x@d.test"], ["y@d.test"]]
+    writes = [r for r in peer.reads if b"MAIL" in r]
+    assert writes[1].startswith(MESSAGE + b".\r\nMAIL FROM:<a@src.test>")
+    assert writes[2].startswith(b"RSET\r\nMAIL FROM:<a@src.test>")
+
+
+def test_concurrent_messages_take_turns_without_pipelining(run) -> None:
+    peer = Peer(pipelining=False)
+
+    async def go():
+        conn = await connect(peer)
+        return await asyncio.gather(*(conn.send_message("a@src.test", [f"u{i}@d.test"], MESSAGE) for i in range(3)))
+
+    results = run(go())
+    assert [r[2].code for r in results] == [250, 250, 250]
+    assert [m.recipients for m in peer.messages] == [["u0@d.test"], ["u1@d.test"], ["u2@d.test"]]
+    commands = [r for r in peer.reads if r[:4] in (b"MAIL", b"RCPT", b"DATA")]
+    assert len(commands) == 9 and all(c.count(b"\r\n") == 1 for c in commands)
+
+
+def test_a_timeout_fails_every_waiting_message(run) -> None:
+    peer = Peer(silent={"MAIL", "RCPT", "DATA"})
+
+    async def go():
+        conn = await connect(peer, timeout=0.2)
+        return await asyncio.gather(
+            *(conn.send_message("a@src.test", ["x@d.test"], MESSAGE) for _ in range(3)), return_exceptions=True
+        )
+
+    assert [type(r) for r in run(go())] == [SMTPTimeoutError] * 3

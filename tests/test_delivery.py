@@ -62,8 +62,8 @@ class FakeMx:
     mail_reply: bytes = b"250 2.1.0 ok"
     rcpt_replies: dict[str, bytes] = field(default_factory=dict)
     data: str = "accept"  # "accept" | "drop_mid" | "drop_after_dot" | "tarpit" | "delay"
-    transactions_per_connection: int | None = None  # then the next MAIL gets `stale` ("421" or "close")
-    stale: str = "close"
+    transactions_per_connection: int | None = None  # then `stale`: "hangup" at once, or at the next
+    stale: str = "close"  # MAIL "421" or "close" without a reply
     peers: list[str] = field(default_factory=list)
     commands: list[bytes] = field(default_factory=list)
     messages: list[Received] = field(default_factory=list)
@@ -150,6 +150,8 @@ class FakeMx:
                 peer = writer.get_extra_info("peername")[0]
                 self.messages.append(Received(sender, params, recipients, body, tls, peer, helo))
                 writer.write(b"250 2.0.0 queued as %d\r\n" % len(self.messages))
+                if self.stale == "hangup" and transactions == self.transactions_per_connection:
+                    return
             elif verb == b"RSET":
                 sender, recipients = None, []
                 writer.write(b"250 2.0.0 ok\r\n")
@@ -493,7 +495,7 @@ def test_idle_session_is_closed_after_idle_timeout(make: Callable[..., Deliverer
     run(scenario)
 
 
-@pytest.mark.parametrize("stale", ["close", "421"])
+@pytest.mark.parametrize("stale", ["hangup", "close", "421"])
 def test_session_closed_by_the_server_is_replaced_transparently(
     make: Callable[..., Deliverer], stale: str, run: Runner
 ) -> None:

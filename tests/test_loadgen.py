@@ -112,8 +112,10 @@ def test_partly_refused_message_is_sent_but_not_ok() -> None:
 def test_broken_sessions_reconnect_and_count_the_loss() -> None:
     peer = Peer(hangup={"user7@d.test", "user20@d.test"})
     report = load(peer, count=30, concurrency=2)
-    assert report.sent == 28
-    assert report.failed == {"connection": 2}
+    lost = report.failed["connection"]
+    assert set(report.failed) == {"connection"}
+    assert 2 <= lost <= 4  # the message in flight next to a dropped one is lost with it
+    assert report.sent == 30 - lost == len(peer.messages)
     assert peer.sessions == 4
 
 

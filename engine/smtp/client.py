@@ -1,18 +1,21 @@
 """A lean pipelining SMTP client on asyncio.Protocol.
 
-One transaction at a time per connection. With PIPELINING (RFC 2920) a message costs two writes and two
-round trips: MAIL, every RCPT and DATA go out together, then the body once 354 arrives. Replies are parsed
-incrementally from the receive buffer, so the cost per message stays a few tens of microseconds. Plain text
-only: no STARTTLS, no AUTH.
+The protocol itself drives each transaction from its reply callback, so with PIPELINING (RFC 2920) MAIL,
+every RCPT and DATA go out in one write, and the body goes out the moment 354 arrives, together with the
+envelope of the next message when the caller has one waiting (send_message may be called concurrently on
+one connection). Replies are parsed incrementally from the receive buffer; a message then costs a few tens
+of microseconds of CPU. Plain text only: no STARTTLS, no AUTH.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 from engine.smtpproto import encode_data
 
@@ -20,6 +23,9 @@ __all__ = ["Reply", "SMTPClientError", "SMTPConnection", "SMTPTimeoutError"]
 
 _MAX_PARTIAL_LINE = 8192
 _ENHANCED = re.compile(rb"([245]\.\d{1,3}\.\d{1,3})(?: |$)")
+_SEEN_MAX = 256
+_SEEN: dict[bytes, Reply] = {}  # raw single-line replies already parsed: servers repeat most of them
+_ENVELOPE, _FINAL, _ABANDON, _RESET = range(4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +65,19 @@ def _parse_reply(lines: list[bytes]) -> Reply:
     return Reply(int(lines[0][:3]), enhanced, b"\n".join(texts).decode("utf-8", "replace"))
 
 
+class _Transaction:
+    """One message on its way: its commands, its body until sent, the replies so far, and its stage."""
+
+    __slots__ = ("body", "commands", "future", "replies", "stage")
+
+    def __init__(self, commands: list[bytes], body: bytes, future: asyncio.Future) -> None:
+        self.commands = commands
+        self.body = body
+        self.future = future
+        self.replies: list[Reply] = []
+        self.stage = _ENVELOPE
+
+
 def _address(address: str) -> bytes:
     """Encode an envelope address, refusing anything that could smuggle a command onto the wire."""
     if not address.isprintable() or "<" in address or ">" in address:
@@ -79,9 +98,10 @@ class SMTPConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._partial = b""
         self._lines: list[bytes] = []
-        self._replies: deque[Reply] = deque()
-        self._waiter: asyncio.Future[list[Reply]] | None = None
-        self._want = 0
+        self._greeting: asyncio.Future[Reply] = loop.create_future()
+        self._expect: deque[asyncio.Future[Reply] | _Transaction] = deque([self._greeting])
+        self._queued: deque[_Transaction] = deque()
+        self._busy = False
         self._timer: asyncio.TimerHandle | None = None
         self._activity = 0.0
         self._error: str | None = None
@@ -113,7 +133,7 @@ class SMTPConnection(asyncio.Protocol):
         except TimeoutError:
             raise SMTPTimeoutError(f"connect to {host}:{port} timed out") from None
         try:
-            conn.greeting = (await conn._read(1))[0]
+            conn.greeting = await conn._greeting
             if conn.greeting.code != 220:
                 raise SMTPClientError("greeting refused", conn.greeting)
             await conn._hello(ehlo_name)
@@ -135,6 +155,7 @@ class SMTPConnection(asyncio.Protocol):
         Returns (MAIL reply, RCPT replies, final DATA reply). The last is None when the server took no
         recipient or refused DATA; the session is then RSET and stays usable. RCPT replies cover every
         recipient, except that without PIPELINING a refused MAIL ends the attempt before any RCPT.
+        Concurrent calls are queued in call order; with PIPELINING they overlap on the wire.
         """
         if not recipients:
             raise ValueError("no recipients")
@@ -146,49 +167,22 @@ class SMTPConnection(asyncio.Protocol):
             params += b" BODY=8BITMIME"
         if self._smtputf8 and not (sender.isascii() and all(r.isascii() for r in recipients)):
             params += b" SMTPUTF8"
-        mail = b"MAIL FROM:<" + _address(sender) + b">" + params + b"\r\n"
-        rcpts = [b"RCPT TO:<" + _address(r) + b">\r\n" for r in recipients]
-        write = self._write
-        if self._pipelining:
-            write(b"".join([mail, *rcpts, b"DATA\r\n"]))
-            replies = await self._read(len(rcpts) + 2)
-            mail_reply = replies[0]
-            rcpt_replies = replies[1:-1]
-            go_ahead = replies[-1]
-        else:
-            write(mail)
-            mail_reply = (await self._read(1))[0]
-            if not mail_reply.ok:
-                await self._reset()
-                return mail_reply, [], None
-            rcpt_replies = []
-            for rcpt in rcpts:
-                write(rcpt)
-                rcpt_replies.append((await self._read(1))[0])
-            if not any(r.ok for r in rcpt_replies):
-                await self._reset()
-                return mail_reply, rcpt_replies, None
-            write(b"DATA\r\n")
-            go_ahead = (await self._read(1))[0]
-        if go_ahead.code != 354:
-            await self._reset()
-            return mail_reply, rcpt_replies, None
-        if not (mail_reply.ok and any(r.ok for r in rcpt_replies)):
-            write(b".\r\n")
-            await self._read(1)
-            await self._reset()
-            return mail_reply, rcpt_replies, None
-        write(body)
-        return mail_reply, rcpt_replies, (await self._read(1))[0]
+        commands = [b"MAIL FROM:<" + _address(sender) + b">" + params + b"\r\n"]
+        commands += [b"RCPT TO:<" + _address(r) + b">\r\n" for r in recipients]
+        commands.append(b"DATA\r\n")
+        if self._error is not None:
+            raise SMTPClientError(self._error)
+        future = self._loop.create_future()
+        self._queued.append(_Transaction(commands, body, future))
+        if not self._busy:
+            self._send(self._dequeue())
+        return await future
 
     async def quit(self) -> None:
-        """Say QUIT and close; never raises, the session is over either way."""
-        if self._error is None:
-            try:
-                self._write(b"QUIT\r\n")
-                await self._read(1)
-            except SMTPClientError:
-                pass
+        """Say QUIT and close; never raises. With transactions still pending it just closes (they fail)."""
+        if self._error is None and not self._expect and not self._queued:
+            with contextlib.suppress(SMTPClientError):
+                await self._command(b"QUIT\r\n")
         self.close()
 
     def close(self) -> None:
@@ -199,15 +193,13 @@ class SMTPConnection(asyncio.Protocol):
 
     async def _hello(self, name: str) -> None:
         encoded = _address(name)
-        self._write(b"EHLO " + encoded + b"\r\n")
-        reply = (await self._read(1))[0]
+        reply = await self._command(b"EHLO " + encoded + b"\r\n")
         if reply.ok:
             for line in reply.text.split("\n")[1:]:
                 keyword, _, value = line.partition(" ")
                 self.extensions[keyword.upper()] = value
         elif 500 <= reply.code < 600:
-            self._write(b"HELO " + encoded + b"\r\n")
-            reply = (await self._read(1))[0]
+            reply = await self._command(b"HELO " + encoded + b"\r\n")
         if not reply.ok:
             raise SMTPClientError("EHLO/HELO refused", reply)
         ext = self.extensions
@@ -216,47 +208,97 @@ class SMTPConnection(asyncio.Protocol):
         self._eightbit = "8BITMIME" in ext
         self._smtputf8 = "SMTPUTF8" in ext
 
-    async def _reset(self) -> None:
-        self._write(b"RSET\r\n")
-        reply = (await self._read(1))[0]
-        if not reply.ok:
-            self.close()
-            raise SMTPClientError("RSET refused", reply)
-
-    def _write(self, data: bytes) -> None:
+    def _command(self, line: bytes) -> asyncio.Future[Reply]:
         if self._error is not None:
             raise SMTPClientError(self._error)
+        future = self._loop.create_future()
+        self._expect.append(future)
+        self._send(line)
+        return future
+
+    def _send(self, data: bytes) -> None:
         self._transport.write(data)
+        self._activity = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._activity + self._timeout, self._on_timer)
 
-    async def _read(self, count: int) -> list[Reply]:
-        """Wait for the next `count` replies, timing out after `timeout` seconds without progress."""
-        if self._error is not None:
-            raise SMTPClientError(self._error)
-        waiter = self._loop.create_future()
-        self._waiter = waiter
-        self._want = count
-        if len(self._replies) >= count:
-            self._deliver()
+    def _dequeue(self) -> bytes:
+        """Put the next queued transaction on the wire: its whole envelope, or MAIL alone in lock-step."""
+        if not self._queued:
+            return b""
+        txn = self._queued.popleft()
+        self._expect.append(txn)
+        self._busy = True
+        return b"".join(txn.commands) if self._pipelining else txn.commands[0]
+
+    def _on_reply(self, reply: Reply) -> None:
+        if not self._expect:
+            self._abort("reply without a command", reply=reply)
+            return
+        item = self._expect[0]
+        if item.__class__ is _Transaction:
+            self._advance(item, reply)
+            return
+        self._expect.popleft()
+        if not item.done():
+            item.set_result(reply)
+
+    def _advance(self, txn: _Transaction, reply: Reply) -> None:
+        """Move a transaction on by one reply, writing what the reply calls for."""
+        stage = txn.stage
+        if stage == _FINAL:
+            self._finish(txn, reply)
+            return
+        if stage == _ABANDON:
+            txn.stage = _RESET
+            return
+        if stage == _RESET:
+            if reply.ok:
+                self._finish(txn, None)
+            else:
+                self._abort("RSET refused", reply=reply)
+            return
+        replies = txn.replies
+        replies.append(reply)
+        count = len(replies)
+        last = len(txn.commands) - 1
+        if count <= last:
+            if self._pipelining:
+                return
+            if (count == 1 and not reply.ok) or (count == last and not any(r.ok for r in replies[1:])):
+                txn.stage = _RESET
+                self._send(b"RSET\r\n")
+            else:
+                self._send(txn.commands[count])
+            return
+        if reply.code == 354 and replies[0].ok and any(r.ok for r in replies[1:-1]):
+            txn.stage = _FINAL
+            out = txn.body
+        elif reply.code == 354:
+            txn.stage = _ABANDON
+            out = b".\r\nRSET\r\n"
         else:
-            self._activity = self._loop.time()
-            if self._timer is None:
-                self._timer = self._loop.call_at(self._activity + self._timeout, self._on_timer)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            self._abort("cancelled mid-command")
-            raise
+            txn.stage = _RESET
+            out = b"RSET\r\n"
+        txn.body = b""
+        if self._pipelining:
+            self._busy = False
+            out += self._dequeue()
+        self._send(out)
 
-    def _deliver(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        popleft = self._replies.popleft
-        replies = [popleft() for _ in range(self._want)]
-        if not waiter.done():
-            waiter.set_result(replies)
+    def _finish(self, txn: _Transaction, final: Reply | None) -> None:
+        self._expect.popleft()
+        replies = txn.replies
+        if not txn.future.done():
+            txn.future.set_result((replies[0], replies[1 : len(txn.commands) - 1], final))
+        if not self._pipelining:
+            self._busy = False
+            if self._queued:
+                self._send(self._dequeue())
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._waiter is None:
+        if not self._expect:
             return
         deadline = self._activity + self._timeout
         if self._loop.time() < deadline:
@@ -264,23 +306,30 @@ class SMTPConnection(asyncio.Protocol):
             return
         self._abort(f"no reply within {self._timeout:g}s", SMTPTimeoutError)
 
-    def _fail(self, message: str, error: type[SMTPClientError] = SMTPClientError) -> None:
+    def _fail(self, message: str, error: type[SMTPClientError] = SMTPClientError, reply: Reply | None = None) -> None:
+        """Mark the session unusable and fail everything still waiting on it."""
         if self._error is None:
             self._error = message
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(error(message))
+        pending = list(chain(self._expect, self._queued))
+        self._expect.clear()
+        self._queued.clear()
+        for item in pending:
+            future = item.future if item.__class__ is _Transaction else item
+            if not future.done():
+                future.set_exception(error(message, reply))
 
-    def _abort(self, message: str, error: type[SMTPClientError] = SMTPClientError) -> None:
-        self._fail(message, error)
+    def _abort(self, message: str, error: type[SMTPClientError] = SMTPClientError, reply: Reply | None = None) -> None:
+        self._fail(message, error, reply)
         if self._transport is not None:
             self._transport.abort()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
+        self._activity = self._loop.time()
+        self._timer = self._loop.call_at(self._activity + self._timeout, self._on_timer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(f"connection lost: {exc}" if exc else "connection closed by server")
@@ -293,19 +342,27 @@ class SMTPConnection(asyncio.Protocol):
             data = self._partial + data
         lines = data.split(b"\n")
         self._partial = lines.pop()
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
+        self._activity = self._loop.time()
+        for raw in lines:
+            if self._error is not None:
+                return
+            reply = _SEEN.get(raw)
+            if reply is not None and not self._lines:
+                self._on_reply(reply)
+                continue
+            line = raw[:-1] if raw.endswith(b"\r") else raw
             if len(line) < 3 or not line[:3].isdigit() or (len(line) > 3 and line[3] not in b" -"):
                 self._abort(f"malformed reply line: {line[:80]!r}")
                 return
             self._lines.append(line)
-            if line[3:4] != b"-":
-                self._replies.append(_parse_reply(self._lines))
-                self._lines = []
+            if line[3:4] == b"-":
+                continue
+            reply = _parse_reply(self._lines)
+            if len(self._lines) == 1:
+                if len(_SEEN) >= _SEEN_MAX:
+                    _SEEN.clear()
+                _SEEN[raw] = reply
+            self._lines = []
+            self._on_reply(reply)
         if len(self._partial) > _MAX_PARTIAL_LINE:
             self._abort("reply line too long")
-            return
-        self._activity = self._loop.time()
-        if self._waiter is not None and len(self._replies) >= self._want:
-            self._deliver()
