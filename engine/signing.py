@@ -49,6 +49,9 @@ SIGNED_HEADERS = (
     b"feedback-id",
 )
 OVERSIGNED = frozenset({b"from"})
+_SIGNED = frozenset(SIGNED_HEADERS)
+_PKCS1 = padding.PKCS1v15()
+_PREHASHED = Prehashed(hashes.SHA256())
 
 FOLD_COLUMN = 76
 SIG_LINE = 64
@@ -158,6 +161,23 @@ def _fold(parts: list[tuple[bytes, bytes]], column: int) -> bytes:
     return b"".join(out)
 
 
+def _unsigned_value(key: _Key, policy: CanonicalizationPolicy, include: list[bytes], body_hash: bytes) -> bytes:
+    """The signature header's value up to an empty b=, folded; the b= value is appended after hashing it."""
+    names = [name + b":" for name in include[:-1]] + [include[-1] + b";"]
+    tags = [
+        (b"", b"v=1;"),
+        (b" ", b"a=" + key.algorithm + b";"),
+        (b" ", b"c=" + policy.to_c_value() + b";"),
+        (b" ", b"d=" + key.domain + b";"),
+        (b" ", b"s=" + key.selector + b";"),
+        (b" ", b"t=%d;" % time.time()),
+        (b" ", b"h=" + names[0]),
+        *[(b"", name) for name in names[1:]],
+        (b" ", b"bh=" + body_hash + b";"),
+    ]
+    return b" " + _fold(tags, len(SIG_NAME) + 2) + b"\r\n b="
+
+
 class DkimSigner:
     """Signs outgoing messages with the key of their From domain (or of its nearest parent that has one)."""
 
@@ -205,21 +225,10 @@ class DkimSigner:
             return None
         include = _include_headers(headers)
         body_hash = base64.b64encode(hashlib.sha256(_BODY_CANON[canonicalization[1]](body)).digest())
-        tags = [
-            (b"", b"v=1;"),
-            (b" ", b"a=" + key.algorithm + b";"),
-            (b" ", b"c=" + policy.to_c_value() + b";"),
-            (b" ", b"d=" + key.domain + b";"),
-            (b" ", b"s=" + key.selector + b";"),
-            (b" ", b"t=%d;" % time.time()),
-            *[(b" " if i == 0 else b"", b"h=" * (i == 0) + name + b":") for i, name in enumerate(include[:-1])],
-            (b"", include[-1] + b";"),
-            (b" ", b"bh=" + body_hash + b";"),
-        ]
-        folded = _fold(tags, len(SIG_NAME) + 2)
-        unsigned = b" " + folded + b"\r\n b="
+        unsigned = _unsigned_value(key, policy, include, body_hash)
         hasher = hashlib.sha256()
-        dkim.hash_headers(hasher, policy, policy.canonicalize_headers(headers), include, (SIG_NAME, unsigned), None)
+        signed = policy.canonicalize_headers([header for header in headers if header[0].lower() in _SIGNED])
+        dkim.hash_headers(hasher, policy, signed, include, (SIG_NAME, unsigned), None)
         signature = base64.b64encode(self._sign_digest(key, hasher.digest()))
         lines = b"\r\n ".join(signature[i : i + SIG_LINE] for i in range(0, len(signature), SIG_LINE))
         return SIG_NAME + b":" + unsigned + lines + b"\r\n"
@@ -227,7 +236,7 @@ class DkimSigner:
     @staticmethod
     def _sign_digest(key: _Key, digest: bytes) -> bytes:
         if isinstance(key.private, rsa.RSAPrivateKey):
-            return key.private.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+            return key.private.sign(digest, _PKCS1, _PREHASHED)
         return key.private.sign(digest)
 
 
