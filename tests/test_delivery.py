@@ -466,7 +466,7 @@ def test_session_is_reused_then_retired_after_max_deliveries(make: Callable[...,
         for _ in range(7):
             attempt = await send(deliverer, ["b@dest.test"])
             assert attempt.responses["b@dest.test"].success
-        assert deliverer.connections() == {"dest.test": 1}
+        await until(lambda: deliverer.connections() == {"dest.test": 1})
         await deliverer.close()
         assert deliverer.connections() == {}
         await mx.stop()
@@ -484,8 +484,7 @@ def test_idle_session_is_closed_after_idle_timeout(make: Callable[..., Deliverer
         deliverer = make(routes={"dest.test": f"127.0.0.1:{port}"}, idle_timeout="200ms")
         await send(deliverer, ["b@dest.test"])
         assert deliverer.connections() == {"dest.test": 1}
-        await until(lambda: mx.open == 0)
-        assert deliverer.connections() == {}
+        await until(lambda: mx.open == 0 and deliverer.connections() == {})
         assert mx.commands[-1] == b"QUIT"
         await send(deliverer, ["b@dest.test"])
         await deliverer.close()
@@ -787,8 +786,7 @@ def test_reload_applies_new_shaping_to_open_sessions(
         deliverer.reload(config_file(tmp_path, routes, max_deliveries_per_connection=2))
         assert deliverer.connections() == {"dest.test": 1}
         await send(deliverer, ["b@dest.test"])
-        await until(lambda: mx.open == 0)
-        assert deliverer.connections() == {}
+        await until(lambda: mx.open == 0 and deliverer.connections() == {})
         await deliverer.close()
         await mx.stop()
         assert len(mx.peers) == 1
