@@ -314,26 +314,38 @@ def _parse_server(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _load_options(args: argparse.Namespace) -> dict[str, object]:
+    """run_load's arguments from the `engine send` command line; ValueError names what is wrong."""
+    to, headers = list(args.to or []), list(args.header or [])
+    if not to:
+        raise ValueError("--to is required")
+    if args.count < 0 or args.size < 0 or args.concurrency < 1:
+        raise ValueError("--count and --size must be 0 or more, --concurrency 1 or more")
+    return {
+        "server": _parse_server(args.server),
+        "to": to,
+        "count": args.count,
+        "concurrency": args.concurrency,
+        "size": args.size,
+        "headers": _check_headers(headers),
+        "sender": getattr(args, "sender", None) or "loadgen@localhost",
+        "progress": not args.quiet and (getattr(args, "progress", False) or sys.stderr.isatty()),
+    }
+
+
 def send_command(args: argparse.Namespace) -> int:
-    """Entry point of `engine send`: exit 0 when every message and recipient was accepted, else 1."""
+    """Entry point of `engine send`: exit 0 when everything was accepted, 1 if not, 2 on bad arguments."""
     try:
-        server = _parse_server(args.server)
-        _check_headers(list(args.header or []))
-        report_coro = run_load(
-            server,
-            list(args.to or []),
-            args.count,
-            args.concurrency,
-            args.size,
-            list(args.header or []),
-            getattr(args, "sender", None) or "loadgen@localhost",
-            not args.quiet and (getattr(args, "progress", False) or sys.stderr.isatty()),
-        )
+        options = _load_options(args)
     except ValueError as exc:
         print(f"engine send: {exc}", file=sys.stderr)
         return 2
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        report = runner.run(report_coro)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            report = runner.run(run_load(**options))
+    except KeyboardInterrupt:
+        print("engine send: interrupted", file=sys.stderr)
+        return 130
     print(report.format())
     if args.json:
         with open(args.json, "w") as out:

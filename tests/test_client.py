@@ -556,3 +556,21 @@ def test_a_timeout_fails_every_waiting_message(run) -> None:
         )
 
     assert [type(r) for r in run(go())] == [SMTPTimeoutError] * 3
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_cancelled_caller_leaves_the_session_in_step(run, pipelining: bool) -> None:
+    peer = Peer(pipelining=pipelining)
+
+    async def go():
+        conn = await connect(peer)
+        first = asyncio.ensure_future(conn.send_message("a@src.test", ["first@d.test"], MESSAGE))
+        queued = asyncio.ensure_future(conn.send_message("a@src.test", ["queued@d.test"], MESSAGE))
+        await asyncio.sleep(0)
+        first.cancel()
+        queued.cancel()
+        _, _, data = await conn.send_message("a@src.test", ["after@d.test"], MESSAGE)
+        return data
+
+    assert run(go()).code == 250
+    assert [m.recipients for m in peer.messages] == [["first@d.test"], ["after@d.test"]]

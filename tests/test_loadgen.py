@@ -6,6 +6,9 @@ import argparse
 import asyncio
 import json
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -181,10 +184,34 @@ def test_send_command_exits_one_on_refusals(tmp_path: Path, capsys: pytest.Captu
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("server", "no-port"), ("header", ["not a header"]), ("header", ["A: b\r\nC: d"])]
+    ("field", "value"),
+    [
+        ("server", "no-port"),
+        ("header", ["not a header"]),
+        ("header", ["A: b\r\nC: d"]),
+        ("to", []),
+        ("concurrency", 0),
+        ("count", -1),
+    ],
 )
 def test_send_command_refuses_bad_arguments(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str, value: object
 ) -> None:
     assert send_command(namespace(1, tmp_path, **{field: value})) == 2
     assert capsys.readouterr().err.startswith("engine send: ")
+
+
+def test_engine_send_command_line(tmp_path: Path) -> None:
+    with PeerThread(Peer()) as peer:
+        command = (
+            f"send --server 127.0.0.1:{peer.port} --to 'u{{n}}@d.test' --to copy@d.test --count 12 "
+            f"--concurrency 3 --size 600 --header 'X-Run: cli' --json {tmp_path / 'r.json'}"
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "engine", *shlex.split(command)], capture_output=True, text=True, timeout=30
+        )
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^sent\s+12$", done.stdout, re.M)
+    assert json.loads((tmp_path / "r.json").read_text())["sent"] == 12
+    assert sorted(m.recipients[0] for m in peer.messages) == sorted(f"u{n}@d.test" for n in range(1, 13))
+    assert all(b"\r\nX-Run: cli\r\n" in m.wire for m in peer.messages)

@@ -102,6 +102,7 @@ class SMTPConnection(asyncio.Protocol):
         self._expect: deque[asyncio.Future[Reply] | _Transaction] = deque([self._greeting])
         self._queued: deque[_Transaction] = deque()
         self._busy = False
+        self._out: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
         self._activity = 0.0
         self._error: str | None = None
@@ -217,19 +218,35 @@ class SMTPConnection(asyncio.Protocol):
         return future
 
     def _send(self, data: bytes) -> None:
-        self._transport.write(data)
+        """Queue output for one write at the end of this loop iteration, so what callers add meanwhile joins it."""
+        if self._out:
+            self._out.append(data)
+        else:
+            self._out = [data]
+            self._loop.call_soon(self._flush)
         self._activity = self._loop.time()
         if self._timer is None:
             self._timer = self._loop.call_at(self._activity + self._timeout, self._on_timer)
 
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if not self._transport.is_closing():
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+
     def _dequeue(self) -> bytes:
-        """Put the next queued transaction on the wire: its whole envelope, or MAIL alone in lock-step."""
-        if not self._queued:
-            return b""
-        txn = self._queued.popleft()
-        self._expect.append(txn)
-        self._busy = True
-        return b"".join(txn.commands) if self._pipelining else txn.commands[0]
+        """Put the next queued transaction on the wire: its whole envelope, or MAIL alone in lock-step.
+
+        One whose caller was cancelled while it waited is dropped; once on the wire a transaction runs to
+        its end whatever happens to its caller, so the session stays in step.
+        """
+        while self._queued:
+            txn = self._queued.popleft()
+            if txn.future.done():
+                continue
+            self._expect.append(txn)
+            self._busy = True
+            return b"".join(txn.commands) if self._pipelining else txn.commands[0]
+        return b""
 
     def _on_reply(self, reply: Reply) -> None:
         if not self._expect:
