@@ -128,11 +128,13 @@ class _Session:
 class _Pool:
     """The sessions to one destination domain: the idle ones, a count of all open, and who waits."""
 
-    __slots__ = ("idle", "open", "waiters")
+    __slots__ = ("domain", "idle", "open", "users", "waiters")
 
-    def __init__(self) -> None:
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
         self.idle: list[_Session] = []
         self.open = 0
+        self.users = 0  # deliveries in progress that hold this pool
         self.waiters: list[asyncio.Future[None]] = []
 
     def wake(self) -> None:
@@ -201,16 +203,28 @@ class Deliverer:
         except (DnsPermanentError, DnsTransientError) as exc:
             responses.update(dict.fromkeys(valid, Response(exc.code, exc.enhanced, exc.text)))
             return Attempt(responses, None)
-        pool = self._pools.setdefault(domain, _Pool())
+        pool = self._pools.get(domain) or self._pools.setdefault(domain, _Pool(domain))
+        pool.users += 1
+        try:
+            outcome, peer = await self._send(pool, hops, shaping, sender, valid, message)
+        finally:
+            pool.users -= 1
+            self._forget_if_unused(pool)
+        responses.update(outcome)
+        return Attempt(responses, peer)
+
+    async def _send(
+        self, pool: _Pool, hops: list[_Hop], shaping: Shaping, sender: str, recipients: list[str], message: bytes
+    ) -> tuple[dict[str, Response], Peer | None]:
+        """One transaction on a pooled session; once more on a new session if the pooled one went stale."""
         fresh = False
         while True:
             try:
                 session = await self._checkout(pool, hops, shaping, fresh=fresh)
             except _HopFailed as exc:
-                responses.update(dict.fromkeys(valid, exc.response))
-                return Attempt(responses, None)
+                return dict.fromkeys(recipients, exc.response), None
             try:
-                outcome = await self._transact(session, sender, valid, message)
+                outcome = await self._transact(session, sender, recipients, message)
             except _Stale:
                 self._drop(pool, session)
                 fresh = True
@@ -219,8 +233,7 @@ class Deliverer:
                 self._drop(pool, session)
                 raise
             self._checkin(pool, session, shaping)
-            responses.update(outcome)
-            return Attempt(responses, session.peer)
+            return outcome, session.peer
 
     async def _next_hops(self, domain: str, shaping: Shaping) -> list[_Hop]:
         """A static route if configured (bypasses MX), else the resolver's next hops in order."""
@@ -301,6 +314,12 @@ class Deliverer:
         session.smtp.close()
         pool.open -= 1
         pool.wake()
+        self._forget_if_unused(pool)
+
+    def _forget_if_unused(self, pool: _Pool) -> None:
+        """Keep pools only for destinations with sessions or deliveries: a bulk run touches many domains."""
+        if not (pool.open or pool.users) and self._pools.get(pool.domain) is pool:
+            del self._pools[pool.domain]
 
     def _retire(self, pool: _Pool, session: _Session) -> None:
         """QUIT a healthy session in the background; its slot frees up once it is closed."""

@@ -494,6 +494,24 @@ def test_idle_session_is_closed_after_idle_timeout(make: Callable[..., Deliverer
     run(scenario)
 
 
+def test_no_state_is_kept_for_destinations_without_sessions(make: Callable[..., Deliverer], run: Runner) -> None:
+    """A bulk run reaches many domains once: their pools must go when their sessions do (private state)."""
+
+    async def scenario() -> None:
+        mx = FakeMx()
+        port = await mx.start()
+        deliverer = make(routes={"*": f"127.0.0.1:{port}"}, idle_timeout="100ms")
+        for n in range(20):
+            await deliverer.deliver(f"d{n}.test", "a@sender.test", [f"b@d{n}.test"], MESSAGE)
+        assert len(deliverer.connections()) == 20
+        await until(lambda: not deliverer._pools)
+        await deliverer.close()
+        await mx.stop()
+        assert len(mx.messages) == 20
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("stale", ["hangup", "close", "421"])
 def test_session_closed_by_the_server_is_replaced_transparently(
     make: Callable[..., Deliverer], stale: str, run: Runner
