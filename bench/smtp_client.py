@@ -144,6 +144,7 @@ def main() -> None:
             f"{row['sys_us_per_msg']:>8.1f}{row['msgs_per_s']:>10.0f}{row['ratio_vs_aiosmtplib']:>17.2f}"
         )
     RESULTS.parent.mkdir(exist_ok=True)
+    rows = [{k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
     RESULTS.write_text(json.dumps({"count": count, "size": SIZE, "repeat": repeat, "rows": rows}, indent=2) + "\n")
 
 

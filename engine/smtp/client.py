@@ -54,15 +54,21 @@ class SMTPTimeoutError(SMTPClientError):
 
 
 def _parse_reply(lines: list[bytes]) -> Reply:
+    """A Reply from its lines (CR LF removed); the enhanced code is taken off every line that repeats it."""
+    first = lines[0]
+    match = _ENHANCED.match(first, 4)
+    if len(lines) == 1:
+        if match is None:
+            return Reply(int(first[:3]), None, first[4:].decode("utf-8", "replace"))
+        return Reply(int(first[:3]), match.group(1).decode(), first[match.end() :].decode("utf-8", "replace"))
     texts = [line[4:] for line in lines]
     enhanced = None
-    match = _ENHANCED.match(texts[0])
     if match is not None:
         prefix = match.group(1)
         enhanced = prefix.decode()
         cut = len(prefix) + 1
         texts = [t[cut:] if t.startswith(prefix) else t for t in texts]
-    return Reply(int(lines[0][:3]), enhanced, b"\n".join(texts).decode("utf-8", "replace"))
+    return Reply(int(first[:3]), enhanced, b"\n".join(texts).decode("utf-8", "replace"))
 
 
 class _Transaction:
