@@ -7,6 +7,7 @@ published from what generate_key returned.
 
 from __future__ import annotations
 
+import email.utils
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import dkim
 import dkim.canonicalization
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -25,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine import _dkimcanon_py
-from engine.signing import DkimKeyError, DkimSigner, generate_key
+from engine import _dkimcanon_py, signing
+from engine.signing import DkimKeyError, DkimSigner, generate_key, parse_header, relaxed_field, select_fields
 from tests.dnsserver import DnsServer
 
 TESTS = Path(__file__).parent
@@ -290,6 +292,62 @@ def test_simple_body_matches_dkimpy(body: bytes) -> None:
     expected = dkim.canonicalization.Simple.canonicalize_body(body)
     assert compiled.simple_body(body) == expected
     assert _dkimcanon_py.simple_body(body) == expected
+
+
+FIELD_NAMES = st.sampled_from([b"From", b"from", b"TO", b"Subject", b"Received", b"X-Tag", b"Cc", b"Date"])
+FIELD_TEXT = st.lists(st.sampled_from([b"a", b"Z", b" ", b"\t", b":", b"@", b"\xc3\xa9", b"\r\n ", b"\r\n\t"])).map(
+    b"".join
+)
+HEADER_BLOCKS = st.lists(st.tuples(FIELD_NAMES, FIELD_TEXT), max_size=12)
+
+
+@given(HEADER_BLOCKS)
+def test_header_parsing_and_canonicalisation_match_dkimpy(block: list[tuple[bytes, bytes]]) -> None:
+    head = b"".join(name + b":" + value + b"\r\n" for name, value in block)
+    fields = parse_header(head)
+    assert fields is not None
+    reference = [tuple(field) for field in dkim.rfc822_parse(head)[0]]
+    assert fields == reference
+    relaxed = dkim.canonicalization.Relaxed.canonicalize_headers(reference)
+    assert [relaxed_field(*field) + b"\r\n" for field in fields] == [name + b":" + value for name, value in relaxed]
+    names, picked = select_fields(fields)
+    assert picked == dkim.select_headers(fields, names)
+    assert names[-1] == b"from" and names.count(b"from") == sum(f[0].lower() == b"from" for f in fields) + 1
+
+
+def test_malformed_header_block_is_not_signed(world: World) -> None:
+    assert parse_header(b"From: a@rsa.example.net\r\nno colon here\r\n") is None
+    assert world.signer.sign(b"From: a@rsa.example.net\r\nno colon here\r\n\r\nbody\r\n") is None
+
+
+ADDRESS_TEXT = st.lists(
+    st.sampled_from(["a", "B", "0", ".", "-", " ", "<", ">", "@", '"', "(", ")", ",", "x.example", "\u00e9"]),
+    max_size=16,
+).map("".join)
+
+
+@given(ADDRESS_TEXT)
+def test_author_domain_agrees_with_email_utils(text: str) -> None:
+    addresses = [address for _, address in email.utils.getaddresses([text.strip()]) if "@" in address]
+    expected = signing._ascii_domain(addresses[0].rpartition("@")[2]) if len(addresses) == 1 else None
+    assert signing.author_domain([(b"From", text.encode() + b"\r\n")]) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "domain"),
+    [
+        (b"alice@Example.NET", "example.net"),
+        (b"Alice Example <alice@example.net>", "example.net"),
+        (b'"Example, Alice" <alice@example.net>', "example.net"),
+        (b"alice@example.net (Alice)", "example.net"),
+        (b"=?utf-8?q?Al=C3=AFce?=\r\n <alice@example.net>", "example.net"),
+        (b"alice@b\xc3\xbccher.example", "xn--bcher-kva.example"),
+        (b"a@example.net, b@example.org", None),
+        (b"undisclosed-recipients:;", None),
+    ],
+)
+def test_author_domain(value: bytes, domain: str | None) -> None:
+    assert signing.author_domain([(b"From", b" " + value + b"\r\n")]) == domain
 
 
 def test_pure_python_switch_is_honoured() -> None:
