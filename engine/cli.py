@@ -11,10 +11,11 @@ import uvloop
 
 
 def _check(args: argparse.Namespace) -> int:
-    from engine.config import ConfigError, load_config
+    from engine.config import ConfigError
+    from engine.supervisor import load_verified
 
     try:
-        config = load_config(args.config)
+        config = load_verified(args.config)
     except ConfigError as error:
         for line in error.errors:
             print(line, file=sys.stderr)

@@ -13,6 +13,7 @@ from engine.dispatch import Dispatcher
 from engine.envelope import Envelope, Recipient, domain_of, new_message_id
 from engine.events import EventLog, message_record
 from engine.message import ControlError, prepare, received_field
+from engine.signing import DkimSigner
 from engine.smtp.server import Reply, Session
 from engine.spool import Spool, SpoolError
 
@@ -31,8 +32,10 @@ class ReceptionHandler:
         spool: Spool,
         log: EventLog,
         dispatcher: Dispatcher,
+        signer: DkimSigner,
     ) -> None:
         self.hostname = hostname
+        self.signer = signer
         self._lane = lane
         self._listener = listener_name
         self._spool = spool
@@ -55,6 +58,9 @@ class ReceptionHandler:
             reply = Reply(550, "5.6.0", str(error))
             self.rejected(session, sender, recipients, reply)
             return reply
+        signature = self.signer.sign(message)
+        if signature is not None:
+            message = signature + message
         envelope = Envelope(
             sender=sender,
             recipients=[Recipient(address) for address in recipients],

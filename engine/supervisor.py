@@ -18,6 +18,7 @@ from pathlib import Path
 import uvloop
 
 from engine.config import Config, ConfigError, Listener, load_config
+from engine.signing import DkimKeyError, DkimSigner
 
 log = logging.getLogger("engine.supervisor")
 
@@ -138,7 +139,7 @@ class Supervisor:
     def reload(self) -> None:
         """SIGHUP: validate the file first; workers re-read it only if it is good."""
         try:
-            config = load_config(self.config_path)
+            config = load_verified(self.config_path)
         except ConfigError as error:
             log.error("reload refused, configuration has errors:\n%s", "\n".join(error.errors))
             return
@@ -149,9 +150,19 @@ class Supervisor:
         log.info("reloaded configuration; listeners and worker counts change on restart")
 
 
+def load_verified(config_path: Path | None) -> Config:
+    """The configuration, with what only loading can prove checked too (DKIM keys parse and are strong)."""
+    config = load_config(config_path)
+    try:
+        DkimSigner.from_config(config.dkim)
+    except DkimKeyError as error:
+        raise ConfigError([f"{config.source or '<built-in defaults>'}: dkim: {error}"]) from error
+    return config
+
+
 def serve(config_path: Path | None) -> int:
     """Entry point of `engine serve`."""
-    config = load_config(config_path)
+    config = load_verified(config_path)
     config.engine.log_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
         level=logging.INFO,

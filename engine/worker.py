@@ -23,6 +23,7 @@ from engine.envelope import Envelope
 from engine.events import EventLog
 from engine.reception import ReceptionHandler
 from engine.resolver import Resolver
+from engine.signing import DkimKeyError, DkimSigner
 from engine.smtp.server import Limits, SMTPServer
 from engine.spool import Spool
 
@@ -44,6 +45,7 @@ class Worker:
         self.index = index
         self.sockets = dict(sockets)
         self.servers: list[SMTPServer] = []
+        self.handlers: list[ReceptionHandler] = []
         self.stopped = asyncio.Event()
 
     async def run(self) -> None:
@@ -51,6 +53,8 @@ class Worker:
         spool = Spool(spool_path(config, lane.name, self.index))
         events = EventLog(config.engine.log_dir, f"{lane.name}-{self.index}")
         resolver = Resolver([(ns.host, ns.port) for ns in config.dns.nameservers], timeout=config.dns.timeout)
+        self.signer = DkimSigner.from_config(config.dkim)
+        signer = DkimSigner.from_config(config.dkim)
         self.dispatcher = Dispatcher(config, lane, spool, events, new_deliverers(config, lane, resolver))
         recovered = self._recover(spool)
         log.info("worker %s/%d recovered %d messages from its spool", lane.name, self.index, recovered)
@@ -59,7 +63,10 @@ class Worker:
             sock = self.sockets.get(listener.name)
             if listener.lane != lane.name or sock is None or listener.protocol != "smtp":
                 continue
-            handler = ReceptionHandler(config.engine.hostname, lane, listener.name, spool, events, self.dispatcher)
+            handler = ReceptionHandler(
+                config.engine.hostname, lane, listener.name, spool, events, self.dispatcher, signer
+            )
+            self.handlers.append(handler)
             limits = Limits(listener.max_message_size, listener.max_recipients, listener.idle_timeout)
             server = SMTPServer(handler, limits, listener.relay_from)
             await server.listen(sock)
@@ -88,8 +95,12 @@ class Worker:
     def _reload(self) -> None:
         try:
             config = load_config(self.config_path)
+            signer = DkimSigner.from_config(config.dkim)
         except ConfigError as error:
             log.error("reload refused, keeping the running configuration:\n%s", "\n".join(error.errors))
+            return
+        except DkimKeyError as error:
+            log.error("reload refused, keeping the running configuration: %s", error)
             return
         lane = config.lanes.get(self.lane.name)
         if lane is None:
@@ -97,6 +108,8 @@ class Worker:
             return
         self.config, self.lane = config, lane
         self.dispatcher.reload(config, lane)
+        for handler in self.handlers:
+            handler.signer = signer
         log.info("worker %s/%d reloaded routes and shaping", lane.name, self.index)
 
     async def _watch_parent(self, parent: int) -> None:
