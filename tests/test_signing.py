@@ -8,6 +8,7 @@ published from what generate_key returned.
 from __future__ import annotations
 
 import email.utils
+import functools
 import os
 import re
 import shutil
@@ -55,6 +56,7 @@ class World:
     signer: DkimSigner
 
 
+@functools.cache
 def _verifier_command(algorithm: str) -> tuple[list[str], dict[str, str]]:
     if algorithm == "rsa-sha256":
         if subprocess.run(["perl", "-MMail::DKIM::Verifier", "-e1"], capture_output=True).returncode:
