@@ -231,8 +231,15 @@ class DkimSigner:
     @classmethod
     def from_config(cls, keys: Mapping[str, DkimKeyConfig]) -> DkimSigner:
         """Load and check every key now, so a bad one is a configuration error at start or SIGHUP."""
-        loaded = [_load_key(config) for config in keys.values()]
-        return cls({key.domain.decode(): key for key in loaded})
+        loaded: dict[str, _Key] = {}
+        files: dict[str, Path] = {}
+        for config in keys.values():
+            key = _load_key(config)
+            domain = key.domain.decode()
+            if domain in loaded:
+                raise DkimKeyError(f"{config.key_file} (dkim.{config.domain}): {files[domain]} is for {domain} too")
+            loaded[domain], files[domain] = key, Path(config.key_file)
+        return cls(loaded)
 
     def key_for(self, domain: str) -> _Key | None:
         """The key of `domain` itself, else of its closest parent domain that has one."""

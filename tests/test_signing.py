@@ -261,6 +261,13 @@ def test_ed25519_key_declared_as_rsa_is_refused(world: World) -> None:
         DkimSigner.from_config({"x": DkimKey("x.example", SELECTOR, ed_file, "rsa-sha256")})
 
 
+def test_two_keys_for_one_domain_are_refused(world: World) -> None:
+    key = world.keys["rsa.example.net"]
+    twin = DkimKey("RSA.example.net.", "other", key.key_file, key.algorithm)
+    with pytest.raises(DkimKeyError, match=re.escape("is for rsa.example.net too")):
+        DkimSigner.from_config({"rsa.example.net": key, "RSA.example.net.": twin})
+
+
 def test_selector_that_would_break_the_header_is_refused(world: World) -> None:
     rsa_file = world.keys["rsa.example.net"].key_file
     with pytest.raises(DkimKeyError, match="selector 'bad;selector' is not a DNS name"):
