@@ -95,7 +95,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         yield World(dns, keys, DkimSigner.from_config(keys))
 
 
-def message(domain: str, *, extra: bytes = b"", body: bytes | None = None) -> bytes:
+def message(domain: str, *, extra: bytes = b"") -> bytes:
     headers = (
         f"From: Alice Example <alice@{domain}>\r\n"
         "To: bob@example.org\r\n"
@@ -112,8 +112,7 @@ def message(domain: str, *, extra: bytes = b"", body: bytes | None = None) -> by
         "Feedback-ID: 1:campaign:bulk:engine\r\n"
         "X-Mailer: not signed\r\n"
     ).encode()
-    if body is None:
-        body = b"Hello Bob,  \r\n\r\n\tthe numbers  are in.\r\n" + b"A line of text.\r\n" * 40 + b"\r\n\r\n"
+    body = b"Hello Bob,  \r\n\r\n\tthe numbers  are in.\r\n" + b"A line of text.\r\n" * 40 + b"\r\n\r\n"
     return headers + extra + b"\r\n" + body
 
 
@@ -166,6 +165,17 @@ def test_only_present_headers_are_signed(world: World) -> None:
     assert tags(signature)["h"] == "from:subject:from"
     passed, report = verify(world, "ed25519-sha256", signature + minimal)
     assert passed, report
+
+
+@pytest.mark.parametrize("algorithm", DOMAINS)
+def test_repeated_headers_are_signed_bottom_up(world: World, algorithm: str) -> None:
+    original = message(DOMAINS[algorithm], extra=b"To: dave@example.org\r\nReceived: by relay\r\n")
+    signature = world.signer.sign(original)
+    assert signature is not None and tags(signature)["h"].startswith("from:to:to:cc:")
+    passed, report = verify(world, algorithm, signature + original)
+    assert passed, report
+    passed, report = verify(world, algorithm, signature + original.replace(b"dave@", b"eve@"))
+    assert not passed, report
 
 
 def _tamper(original: bytes, how: str) -> bytes:
