@@ -36,7 +36,12 @@ _WORDS = _VOCABULARY.split()
 
 @dataclass
 class LoadReport:
-    """What one run achieved; `failed` counts messages and `refused` recipients, both by reply code."""
+    """What one run achieved.
+
+    `failed` counts messages not accepted, by the reply code that refused them, or "DATA" (the DATA command
+    refused), "connect" (no session), "connection" (session broke), "timeout"; `refused` counts refused
+    recipients by reply code.
+    """
 
     count: int
     sent: int
@@ -151,7 +156,6 @@ class _Composer:
             "Content-Type: text/plain; charset=us-ascii",
             *extra,
         ]
-        self.run_id = run
         self._head = "\r\n".join(lines) + "\r\n\r\n"
         self._to = to
         self._to_varies = any("{n}" in a for a in to)
@@ -239,7 +243,7 @@ class _Run:
                 self.sent += 1
                 self.latencies.append(latency)
             else:
-                self.failed[str(_first_failure(mail, rcpts, data))] += 1
+                self.failed[_first_failure(mail, rcpts, data)] += 1
             n = None if conn.closed else self.take()
 
     def _failure(self, exc: SMTPClientError) -> None:
@@ -249,13 +253,13 @@ class _Run:
             self.failed[str(exc.reply.code) if exc.reply else "connection"] += 1
 
 
-def _first_failure(mail: Reply, rcpts: list[Reply], data: Reply | None) -> int:
-    """The reply code that explains why a message was not accepted."""
+def _first_failure(mail: Reply, rcpts: list[Reply], data: Reply | None) -> str:
+    """The reply code that explains why a message was not accepted ("DATA" when DATA itself was refused)."""
     if not mail.ok:
-        return mail.code
+        return str(mail.code)
     if data is not None:
-        return data.code
-    return next((r.code for r in rcpts if not r.ok), 0)
+        return str(data.code)
+    return next((str(r.code) for r in rcpts if not r.ok), "DATA")
 
 
 def _draw(run: _Run, started: float, final: bool = False) -> None:

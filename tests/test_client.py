@@ -27,9 +27,9 @@ class Peer:
     """An ESMTP server that records what it got and answers as configured.
 
     `replies` maps an address (MAIL or RCPT) to the raw reply to give it ("\\r\\n" inside for several lines);
-    `silent` names verbs (or "END" for end of data) that get no reply; at a `hangup` address the server
-    closes the connection without a word; `dribble` sends replies a few bytes at a time; `record` off keeps
-    long benchmark runs from hoarding memory.
+    `data_reply` answers DATA instead of 354; `silent` names verbs (or "END" for end of data) that get no
+    reply; at a `hangup` address the server closes the connection without a word; `dribble` sends replies a
+    few bytes at a time; `record` off keeps long benchmark runs from hoarding memory.
     """
 
     pipelining: bool = True
@@ -40,6 +40,7 @@ class Peer:
     silent: set[str] = field(default_factory=set)
     hangup: set[str] = field(default_factory=set)
     data_without_recipients: bool = False
+    data_reply: str = ""
     dribble: bool = False
     record: bool = True
     reads: list[bytes] = field(default_factory=list)
@@ -162,6 +163,8 @@ class _PeerProtocol(asyncio.Protocol):
                 self.recipients.append(address)
             return custom or peer.ok("250 2.1.5 recipient ok"), False
         if verb == "DATA":
+            if peer.data_reply:
+                return peer.data_reply, False
             if self.sender is None or not (self.recipients or peer.data_without_recipients):
                 return peer.ok("554 5.5.1 no valid recipients"), False
             self.in_data = True
@@ -342,6 +345,20 @@ def test_data_accepted_without_recipients_is_ended_empty_then_reset(run) -> None
     assert run(go())[2] is None
     assert peer.commands[-3:] == ["DATA", "END", "RSET"]
     assert not peer.messages
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_refused_data_command_resets(run, pipelining: bool) -> None:
+    peer = Peer(pipelining=pipelining, data_reply="451 4.3.0 not now")
+
+    async def go():
+        conn = await connect(peer)
+        return conn, await conn.send_message("a@src.test", ["x@d.test"], MESSAGE)
+
+    conn, (mail, rcpts, data) = run(go())
+    assert mail.ok and rcpts[0].ok and data is None
+    assert peer.commands[-2:] == ["DATA", "RSET"]
+    assert not conn.closed
 
 
 def test_refused_sender(run) -> None:

@@ -104,6 +104,11 @@ def test_failures_are_counted_by_code_and_latency_percentiles_are_ordered() -> N
     assert report.rate > 0
 
 
+def test_refused_data_command_is_counted() -> None:
+    report = load(Peer(data_reply="554 5.7.1 no"), count=4, concurrency=2)
+    assert report.sent == 0 and report.failed == {"DATA": 4} and report.refused == {}
+
+
 def test_partly_refused_message_is_sent_but_not_ok() -> None:
     peer = Peer(replies={"bad@d.test": "550 5.1.1 no such user"})
     report = load(peer, to=["user{n}@d.test", "bad@d.test"], count=5, concurrency=2)
