@@ -316,8 +316,9 @@ class SMTPConnection(asyncio.Protocol):
             txn.future.set_result((replies[0], replies[1 : len(txn.commands) - 1], final))
         if not self._pipelining:
             self._busy = False
-            if self._queued:
-                self._send(self._dequeue())
+            following = self._dequeue()
+            if following:
+                self._send(following)
 
     def _on_timer(self) -> None:
         self._timer = None
