@@ -93,6 +93,21 @@ def find_data_end(buf, Py_ssize_t start) -> int:
     return -1 if found == NULL else found - p + 5
 
 
+cdef bint _crlf_only(const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    """True when every CR is followed by LF and every LF follows a CR.
+
+    No early exit and no branches, so the compiler vectorises it: the clean case costs a fraction of a
+    line-by-line scan, which is left to the rare buffer that has a problem to locate.
+    """
+    cdef Py_ssize_t i
+    cdef unsigned char bad = 0
+    if n == 0:
+        return True
+    for i in range(n - 1):
+        bad |= (p[i] == 13) ^ (p[i + 1] == 10)
+    return not bad and p[0] != b"\n" and p[n - 1] != b"\r"
+
+
 cdef inline int _line(
     const unsigned char *p, Py_ssize_t s, Py_ssize_t n, Py_ssize_t max_line, bint discount_dot,
     Py_ssize_t *next_start,
@@ -122,28 +137,53 @@ cdef inline int _line(
     return _TOO_LONG if n - content + 2 > max_line else _OK
 
 
+cdef int _first_problem(const unsigned char *p, Py_ssize_t n, Py_ssize_t max_line, bint discount_dot) noexcept nogil:
+    """Status of the first problem, line by line (see _line); OK when there is none."""
+    cdef Py_ssize_t s = 0
+    cdef int status
+    if max_line > n + 4:
+        max_line = n + 4
+    while s < n:
+        status = _line(p, s, n, max_line, discount_dot, &s)
+        if status != _OK:
+            return status
+    return _OK
+
+
+cdef inline Py_ssize_t _octets(
+    const unsigned char *p, Py_ssize_t s, Py_ssize_t n, bint discount_dot, Py_ssize_t *next_start
+) noexcept nogil:
+    """Length with CRLF of the line at `s` in CRLF-only text (see _line), and where the next one starts."""
+    cdef const unsigned char *lf = <const unsigned char *>memchr(p + s, b"\n", n - s)
+    cdef Py_ssize_t dot = 1 if discount_dot and p[s] == b"." else 0
+    if lf == NULL:
+        next_start[0] = n
+        return n - s + 2 - dot
+    next_start[0] = lf - p + 1
+    return lf - p + 1 - s - dot
+
+
 def decode_data(buf, Py_ssize_t length, Py_ssize_t max_line=_MAX_TEXT_LINE) -> tuple:
     """Un-dot-stuffs buf[:length] (DATA content up to its terminator) and checks its line endings.
 
     Returns (message, status); message is b"" unless status is OK. Line length is counted with the CRLF
-    and without the transparency dot. One pass: the copy is made only once a dot has to go.
+    and without the transparency dot. Linear: a vectorised line-ending check, then one memchr per line;
+    the copy is made only once a dot has to go.
     """
     cdef Py_ssize_t n
     cdef const unsigned char *p = _view(buf, &n)
     cdef Py_ssize_t s = 0, next_start = 0, copied = 0, written = 0
     cdef unsigned char *out = NULL
-    cdef int status
     if length < 0 or length > n:
         raise ValueError("length out of range")
     if max_line < 1:
         raise ValueError("max_line must be positive")
-    if max_line > length + 4:
-        max_line = length + 4
+    if not _crlf_only(p, length):
+        return b"", _first_problem(p, length, max_line, True)
     try:
         while s < length:
-            status = _line(p, s, length, max_line, True, &next_start)
-            if status != _OK:
-                return b"", status
+            if _octets(p, s, length, True, &next_start) > max_line:
+                return b"", LINE_TOO_LONG
             if p[s] == b".":
                 if out == NULL:
                     out = <unsigned char *>PyMem_Malloc(length)
@@ -168,39 +208,37 @@ def encode_data(message) -> bytes:
     """Dot-stuffs a CRLF message for the wire and appends the terminator; ends it with CRLF if needed."""
     cdef Py_ssize_t n
     cdef const unsigned char *p = _view(message, &n)
-    cdef Py_ssize_t s = 0, next_start = 0, dots = 0, size, written = 0, end
-    cdef const unsigned char *lf
+    cdef Py_ssize_t s = 0, next_start = 0, dots = 0, size, written = 0
     cdef bint add_crlf
-    cdef int status
+    cdef int status = _OK
     cdef bytes result
     cdef char *out
-    while s < n:
-        status = _line(p, s, n, _MAX_TEXT_LINE, False, &next_start)
-        if status == _BARE:
-            raise ValueError("bare CR or LF in message")
-        if status == _TOO_LONG:
-            raise ValueError("line longer than 1000 octets")
-        if p[s] == b".":
-            dots += 1
+    if not _crlf_only(p, n):
+        status = _first_problem(p, n, _MAX_TEXT_LINE, False)
+    while status == _OK and s < n:
+        if _octets(p, s, n, False, &next_start) > _MAX_TEXT_LINE:
+            status = _TOO_LONG
+        dots += p[s] == b"."
         s = next_start
+    if status == _BARE:
+        raise ValueError("bare CR or LF in message")
+    if status == _TOO_LONG:
+        raise ValueError("line longer than 1000 octets")
     add_crlf = n > 0 and p[n - 1] != b"\n"
     size = n + dots + (2 if add_crlf else 0) + 3
     result = PyBytes_FromStringAndSize(NULL, size)
     out = PyBytes_AS_STRING(result)
-    if dots == 0:
-        memcpy(out, p, n)
-        written = n
-    else:
-        s = 0
-        while s < n:
-            lf = <const unsigned char *>memchr(p + s, b"\n", n - s)
-            end = lf - p + 1 if lf != NULL else n
-            if p[s] == b".":
-                out[written] = b"."
-                written += 1
-            memcpy(out + written, p + s, end - s)
-            written += end - s
-            s = end
+    s = 0
+    while s < n:
+        if p[s] == b".":
+            out[written] = b"."
+            written += 1
+        _octets(p, s, n, False, &next_start)
+        if dots == 0:
+            next_start = n
+        memcpy(out + written, p + s, next_start - s)
+        written += next_start - s
+        s = next_start
     if add_crlf:
         memcpy(out + written, b"\r\n", 2)
         written += 2

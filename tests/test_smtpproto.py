@@ -495,17 +495,53 @@ PATH_PIECES = st.sampled_from(
         b"(",
     ]
 )
-PATH_ARGUMENTS = st.binary(max_size=60) | st.builds(
-    lambda keyword, blank, pieces: keyword + blank + b"<" + b"".join(pieces),
-    st.sampled_from([b"FROM:", b"from:", b"TO:", b"To:", b"FROM", b""]),
-    st.sampled_from([b"", b" ", b"\t "]),
-    st.lists(PATH_PIECES, max_size=14),
+ATOM = st.sampled_from([b"a", b"Bc", b"x" * 63, b"postmaster", b"+tag", "ü".encode(), b"-", b"9"])
+LOCAL_PART = st.lists(ATOM, min_size=1, max_size=4).map(b".".join) | st.lists(
+    st.sampled_from([b"a", b" ", b'\\"', b"\\\\", b">", b"@", "é".encode()]), max_size=5
+).map(lambda parts: b'"' + b"".join(parts) + b'"')
+DOMAIN = st.lists(ATOM, min_size=1, max_size=5).map(b".".join) | st.sampled_from(
+    [b"[192.0.2.1]", b"[IPv6:2001:db8::1]", b"[IPv6:::ffff:192.0.2.1]", b"[1.2.3]", b"[x:y]"]
+)
+ROUTE = st.lists(DOMAIN, max_size=2).map(
+    lambda domains: b",".join(b"@" + d for d in domains) + b":" if domains else b""
+)
+PARAMS = st.lists(
+    st.sampled_from([b" SIZE=10", b" BODY=8BITMIME", b" SMTPUTF8", b"  X-Y=\xc3\xa9", b" size=1"]), max_size=3
+)
+
+
+@st.composite
+def path_arguments(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    """Mostly well-formed MAIL/RCPT arguments, some with one piece of trouble spliced in."""
+    keyword = draw(st.sampled_from([b"FROM:", b"TO:"]))
+    mailbox = draw(
+        st.sampled_from([b"", b"postmaster"])
+        | st.builds(lambda local, domain: local + b"@" + domain, LOCAL_PART, DOMAIN)
+    )
+    argument = draw(st.sampled_from([keyword, keyword.lower()])) + draw(st.sampled_from([b"", b" "]))
+    argument += b"<" + draw(ROUTE) + mailbox + b">" + b"".join(draw(PARAMS))
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(argument)))
+        argument = argument[:at] + draw(PATH_PIECES) + argument[at:]
+    return argument, keyword
+
+
+PATH_ARGUMENTS = (
+    st.tuples(st.binary(max_size=60), st.sampled_from([b"FROM:", b"TO:"]))
+    | st.builds(
+        lambda keyword, blank, pieces: (keyword + blank + b"<" + b"".join(pieces), keyword.upper() or b"TO:"),
+        st.sampled_from([b"FROM:", b"from:", b"TO:", b"To:"]),
+        st.sampled_from([b"", b" ", b"\t "]),
+        st.lists(PATH_PIECES, max_size=14),
+    )
+    | path_arguments()
 )
 
 
 @PROPERTY
-@given(argument=PATH_ARGUMENTS, keyword=st.sampled_from([b"FROM:", b"TO:", b"from:"]))
-def test_parse_path_agrees(argument: bytes, keyword: bytes) -> None:
+@given(case=PATH_ARGUMENTS)
+def test_parse_path_agrees(case: tuple[bytes, bytes]) -> None:
+    argument, keyword = case
     compiled, python = both()
     assert outcome(compiled.parse_path, argument, keyword) == outcome(python.parse_path, argument, keyword)
 
