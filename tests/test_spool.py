@@ -320,3 +320,31 @@ def test_listing_envelopes_never_reads_bodies(tmp_path: Path) -> None:
         pytest.skip(f"this filesystem does not report page-cache misses in /proc/self/io (bodies: {bodies} B)")
     listed = asyncio.run(bytes_read("list"))
     assert listed < count * len(body) // 20, (listed, bodies)
+
+
+GROWER = textwrap.dedent(
+    """
+    import lmdb, sys
+    env = lmdb.open(sys.argv[1], map_size=16 << 20, max_dbs=2)
+    bodies = env.open_db(b"body")
+    with env.begin(write=True) as txn:
+        for n in range(12):
+            txn.put(b"other-%d" % n, bytes(256 << 10), db=bodies)
+    env.close()
+    """
+)
+
+
+def test_adopts_a_map_another_process_grew(run, tmp_path: Path) -> None:
+    path = tmp_path / "spool"
+
+    async def main() -> None:
+        spool = Spool(path, map_size=1 << 20, map_size_cap=1 << 20)
+        await spool.store(key(1), b"env", b"body")
+        subprocess.run([sys.executable, "-c", GROWER, str(path)], check=True, timeout=30)
+        await spool.store(key(2), b"env", b"body")
+        assert spool.stats()["map_size"] == 16 << 20
+        assert spool.body(b"other-11") == bytes(256 << 10)
+        await spool.close()
+
+    run(main())
