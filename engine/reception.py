@@ -88,7 +88,7 @@ class ReceptionHandler:
                 recipients=[r.address for r in envelope.recipients],
                 attempt=0,
                 listener=self._listener,
-                peer={"address": session.peer[0], "helo": session.helo},
+                peer={"host": session.helo, "address": session.peer[0]},
             )
         )
         self._dispatcher.schedule(key, envelope)
