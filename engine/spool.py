@@ -44,7 +44,9 @@ class Spool:
 
     def __init__(self, path: Path, *, map_size: int = 64 << 30, map_size_cap: int = 1 << 40) -> None:
         self.path = Path(path)
+        self._map_size = map_size
         self._map_size_cap = max(map_size, map_size_cap)
+        self._poisoned = False
         self.path.mkdir(parents=True, exist_ok=True)
         self._open(map_size)
         cleared = self._env.reader_check()
@@ -190,6 +192,8 @@ class Spool:
 
     def _commit(self, ops: list[_Op]) -> None:
         """Committer thread: one write transaction and one fsync for the whole batch."""
+        if self._poisoned:
+            self._reopen()
         grown = resized = False
         while True:
             try:
@@ -205,7 +209,9 @@ class Spool:
                 resized = True
                 self._set_map_size(0)
             except lmdb.PanicError:
-                # A failed meta-page write poisons the environment for good; a fresh one serves the next batch.
+                # A failed meta-page write poisons the environment for good: readers and the next batch need
+                # a fresh one (tried again before every batch until it opens).
+                self._poisoned = True
                 self._reopen()
                 raise
 
@@ -235,9 +241,10 @@ class Spool:
     def _set_map_size(self, size: int) -> None:
         with self._map_lock:
             self._env.set_mapsize(size)
+            self._map_size = self._env.info()["map_size"]
 
     def _reopen(self) -> None:
         with self._map_lock:
-            map_size = self._env.info()["map_size"]
             self._env.close()
-            self._open(map_size)
+            self._open(self._map_size)
+            self._poisoned = False
