@@ -348,3 +348,37 @@ def test_adopts_a_map_another_process_grew(run, tmp_path: Path) -> None:
         await spool.close()
 
     run(main())
+
+
+READER = textwrap.dedent(
+    """
+    import sys, time, lmdb
+    env = lmdb.open(sys.argv[1], max_dbs=2)
+    txn = env.begin() if sys.argv[2] == "read" else None
+    print("ready", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_clears_reader_slots_of_a_killed_process(run, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The reader table outlives a killed reader while any other process keeps the environment open."""
+    path = tmp_path / "spool"
+    run(Spool(path).close())
+    holder, reader = (
+        subprocess.Popen([sys.executable, "-c", READER, str(path), role], stdout=subprocess.PIPE, text=True)
+        for role in ("hold", "read")
+    )
+    try:
+        for process in (holder, reader):
+            assert process.stdout is not None and process.stdout.readline() == "ready\n"
+        reader.kill()
+        reader.wait(10)
+        with caplog.at_level("INFO", logger="engine.spool"):
+            spool = Spool(path)
+        assert "cleared 1 stale reader slots" in caplog.text
+        run(spool.close())
+    finally:
+        for process in (holder, reader):
+            process.kill()
+            process.wait(10)
