@@ -133,6 +133,15 @@ def test_find_data_end_resumes_across_chunks(proto: ModuleType) -> None:
     assert scan_incrementally(proto.find_data_end, b".\r\nQUIT\r\n", [1, 2]) == 3
 
 
+def test_find_data_end_at_every_offset(proto: ModuleType) -> None:
+    """The terminator is found wherever it sits, across the compiled scanner's 256-octet blocks too."""
+    for offset in range(600):
+        content = b"x" * offset + b"\r\n.\r\n"
+        assert proto.find_data_end(content + PIPELINED, 0) == offset + 5
+        assert proto.find_data_end(content, max(0, offset - 3)) == offset + 5
+        assert proto.find_data_end(content[:-1], 0) == -1
+
+
 def test_find_data_end_start_past_terminator(proto: ModuleType) -> None:
     assert proto.find_data_end(b"a\r\n.\r\n", 2) == -1
     assert proto.find_data_end(b"a\r\n.\r\n", 1) == 6
