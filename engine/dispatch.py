@@ -21,10 +21,12 @@ from engine.envelope import Envelope, Recipient, RecipientState
 from engine.events import EventLog, message_record
 from engine.scheduler import Scheduler
 from engine.spool import Spool, SpoolError
+from engine.suspensions import Suspension, Suspensions
 
 log = logging.getLogger(__name__)
 
 TICK = 0.05  # timer resolution for retries and expiry checks, seconds
+EXPIRED = {"code": 551, "enhanced": "5.4.7", "text": "Message expired (max_age reached)"}
 
 
 @dataclass(slots=True)
@@ -32,6 +34,11 @@ class _Item:
     key: bytes
     domain: str
     egress: str
+    priority: int
+    campaign: str | None
+    tenant: str | None
+    created: float
+    expires: float  # monotonic
 
 
 class _InFlight:
@@ -72,6 +79,8 @@ class Dispatcher:
         self._egress_cycle = self._weighted_cycle(config.egress[name] for name in lane.egress_pool)
         self._egress_by_domain: dict[str, itertools.cycle] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._suspensions = Suspensions()
+        self._parked: dict[int, _Item] = {}
         self._timer: asyncio.Task | None = None
         self._stopping = False
 
@@ -94,7 +103,9 @@ class Dispatcher:
         egress = self._next_egress(domain)
         queue = self._queue(egress, domain)
         item = next(self._item_ids)
-        self._items[item] = _Item(key, domain, egress)
+        self._items[item] = _Item(
+            key, domain, egress, envelope.priority, envelope.campaign, envelope.tenant, envelope.created, expires
+        )
         self._scheduler.schedule(
             item,
             queue,
@@ -159,7 +170,9 @@ class Dispatcher:
             for queue in self._scheduler.advance(now):
                 self._wake(queue)
             for item in self._scheduler.expired(now):
-                self._expire(item)
+                self._expire(self._items.pop(item, None))
+            if self._parked:
+                self._check_parked(now)
             await asyncio.sleep(TICK)
 
     def _wake(self, queue: int) -> None:
@@ -180,7 +193,11 @@ class Dispatcher:
                 item = self._scheduler.pop(queue)
                 if item < 0:
                     return
-                await self._deliver(item, self._items.pop(item))
+                target = self._items.pop(item)
+                if self._suspensions and self._suspensions.matching(target.domain, target.campaign, target.tenant):
+                    self._parked[item] = target
+                    continue
+                await self._deliver(target)
         finally:
             self._runners[queue] -= 1
 
@@ -201,7 +218,7 @@ class Dispatcher:
         if shared.users == 0:
             del self._in_flight[key]
 
-    async def _deliver(self, item: int, target: _Item) -> None:
+    async def _deliver(self, target: _Item) -> None:
         shared = self._acquire(target.key)
         if shared is None:
             return
@@ -275,43 +292,105 @@ class Dispatcher:
             response={"code": response.code, "enhanced": response.enhanced, "text": response.text},
         )
 
-    def _expire(self, item: int) -> None:
-        target = self._items.pop(item, None)
-        if target is None:
-            return
-        task = asyncio.get_running_loop().create_task(self._expire_item(target))
+    def _expire(self, target: _Item | None) -> None:
+        if target is not None:
+            self._finish_in_background(target, "Expiration", EXPIRED)
+
+    def _finish_in_background(self, target: _Item, event: str, response: dict) -> None:
+        task = asyncio.get_running_loop().create_task(self._finish_item(target, event, response))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _expire_item(self, target: _Item) -> None:
+    async def _finish_item(self, target: _Item, event: str, response: dict) -> int:
+        """Makes the item's pending recipients final without delivering (expiry, admin bounce)."""
         shared = self._acquire(target.key)
         if shared is None:
-            return
+            return 0
+        finished = 0
         try:
             envelope = shared.envelope
             for recipient in envelope.pending():
                 if recipient.domain != target.domain:
                     continue
                 recipient.state = RecipientState.FAILED
+                finished += 1
                 self._log.emit(
                     message_record(
-                        "Expiration",
+                        event,
                         target.key,
                         envelope,
                         recipient=recipient.address,
                         domain=target.domain,
                         attempt=recipient.attempts,
                         egress_source=target.egress,
-                        response={
-                            "code": 551,
-                            "enhanced": "5.4.7",
-                            "text": "Message expired (max_age reached)",
-                        },
+                        response=response,
                     )
                 )
             await self._persist(target.key, envelope)
         finally:
             self._release(target.key, shared)
+        return finished
+
+    # operator controls
+
+    def suspend(
+        self,
+        rule_id: str,
+        *,
+        domain: str | None = None,
+        campaign: str | None = None,
+        tenant: str | None = None,
+        until: float | None = None,
+        reason: str = "",
+    ) -> None:
+        """Stops delivery of matching messages (they stay queued, and still expire) until resumed."""
+        self._suspensions.add(Suspension(rule_id, domain and domain.lower(), campaign, tenant, until, reason))
+
+    def resume(self, rule_id: str) -> None:
+        if self._suspensions.remove(rule_id):
+            self._release_parked()
+
+    def suspensions(self) -> list[dict]:
+        return [suspension.as_dict() for suspension in self._suspensions.all()]
+
+    def _check_parked(self, now: float) -> None:
+        if self._suspensions.expire():
+            self._release_parked()
+        for item, target in list(self._parked.items()):
+            if target.expires <= now:
+                del self._parked[item]
+                self._expire(target)
+
+    def _release_parked(self) -> None:
+        """Parked items no longer suspended go back to their queues, due at once, priority kept."""
+        for item, target in list(self._parked.items()):
+            if self._suspensions.matching(target.domain, target.campaign, target.tenant):
+                continue
+            del self._parked[item]
+            self._items[item] = target
+            queue = self._queue(target.egress, target.domain)
+            self._scheduler.schedule(
+                item, queue, target.priority, 0.0, target.expires, self._tag(target.campaign), self._tag(target.tenant)
+            )
+            self._wake(queue)
+
+    async def admin_bounce(
+        self, *, domain: str | None = None, campaign: str | None = None, tenant: str | None = None, reason: str = ""
+    ) -> int:
+        """Queued (not in-flight) messages matching every selector given become AdminBounce records."""
+        selector = Suspension("admin-bounce", domain and domain.lower(), campaign, tenant)
+        response = {"code": 550, "enhanced": "5.7.1", "text": f"Bounced by operator: {reason}".strip()}
+        chosen = [
+            (item, target)
+            for item, target in [*self._items.items(), *self._parked.items()]
+            if selector.matches(target.domain, target.campaign, target.tenant)
+        ]
+        for item, _ in chosen:
+            if self._items.pop(item, None) is not None:
+                self._scheduler.remove(item)
+            self._parked.pop(item, None)
+        counts = await asyncio.gather(*(self._finish_item(target, "AdminBounce", response) for _, target in chosen))
+        return sum(counts)
 
     async def _persist(self, key: bytes, envelope: Envelope) -> None:
         """Writes the new recipient states; the message leaves the spool with its last final recipient."""
@@ -329,8 +408,34 @@ class Dispatcher:
 
     # views
 
-    def queue_counts(self) -> dict[tuple[str, str], tuple[int, int]]:
-        return {key: self._scheduler.counts(queue) for key, queue in self._queues.items()}
+    def queue_summary(self) -> list[dict]:
+        """Per (egress, destination): ready, deferred (waiting for a retry), oldest age, suspended."""
+        now = time.time()
+        oldest: dict[tuple[str, str], float] = {}
+        parked: dict[tuple[str, str], int] = {}
+        for target in self._items.values():
+            key = (target.egress, target.domain)
+            oldest[key] = min(oldest.get(key, now), target.created)
+        for target in self._parked.values():
+            key = (target.egress, target.domain)
+            oldest[key] = min(oldest.get(key, now), target.created)
+            parked[key] = parked.get(key, 0) + 1
+        summary = []
+        for key, queue in self._queues.items():
+            ready, waiting = self._scheduler.counts(queue)
+            if not (ready or waiting or parked.get(key)):
+                continue
+            summary.append(
+                {
+                    "egress": key[0],
+                    "domain": key[1],
+                    "ready": ready,
+                    "deferred": waiting,
+                    "suspended": parked.get(key, 0),
+                    "oldest_age": round(now - oldest.get(key, now), 3),
+                }
+            )
+        return summary
 
     def connections(self) -> dict[str, dict[str, int]]:
         return {name: deliverer.connections() for name, deliverer in self.deliverers.items()}
