@@ -163,12 +163,18 @@ class Spool:
 
     def _launch(self) -> None:
         batch, self._pending = self._pending, []
-        loop = asyncio.get_running_loop()
-        done = loop.run_in_executor(self._committer, self._commit, [op for op, _ in batch])
-        done.add_done_callback(lambda outcome: self._finished(batch, outcome))
+        self._committer.submit(self._run, asyncio.get_running_loop(), batch)
 
-    def _finished(self, batch: list[tuple[_Op, asyncio.Future[None]]], outcome: asyncio.Future[None]) -> None:
-        error = outcome.exception()
+    def _run(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Op, asyncio.Future[None]]]) -> None:
+        """Committer thread: commits, then hands the outcome straight to the loop (one wake-up, no relay)."""
+        try:
+            self._commit([op for op, _ in batch])
+        except Exception as error:
+            loop.call_soon_threadsafe(self._finished, batch, error)
+        else:
+            loop.call_soon_threadsafe(self._finished, batch, None)
+
+    def _finished(self, batch: list[tuple[_Op, asyncio.Future[None]]], error: Exception | None) -> None:
         if error is None:
             self._commits += 1
             self._ops_committed += len(batch)
@@ -191,7 +197,7 @@ class Spool:
             self._idle.set()
 
     def _commit(self, ops: list[_Op]) -> None:
-        """Committer thread: one write transaction and one fsync for the whole batch."""
+        """One write transaction and one fsync for the whole batch."""
         if self._poisoned:
             self._reopen()
         grown = resized = False
