@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 import uvloop
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.spool import LIST_CHUNK, Spool, SpoolError
 
@@ -163,6 +165,42 @@ def test_listing_spans_several_read_chunks(run, tmp_path: Path) -> None:
         await spool.close()
 
     run(main())
+
+
+operations = st.lists(
+    st.tuples(st.sampled_from(["store", "update", "remove"]), st.integers(0, 5), st.binary(max_size=8)),
+    max_size=40,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rounds=st.lists(operations, min_size=1, max_size=4))
+def test_batches_match_a_dict_applying_the_same_operations_in_order(tmp_path_factory, rounds) -> None:
+    """Each round is submitted at once (one or two batches); the spool must end as a dict would."""
+    path = tmp_path_factory.mktemp("spool")
+    model: dict[bytes, tuple[bytes, bytes]] = {}
+
+    async def main() -> None:
+        spool = Spool(path)
+        for ops in rounds:
+            calls = []
+            for kind, n, value in ops:
+                if kind == "store":
+                    model[key(n)] = (b"env" + value, b"body" + value)
+                    calls.append(spool.store(key(n), b"env" + value, b"body" + value))
+                elif kind == "update":
+                    if key(n) in model:
+                        model[key(n)] = (value, model[key(n)][1])
+                    calls.append(spool.update(key(n), value))
+                else:
+                    model.pop(key(n), None)
+                    calls.append(spool.remove(key(n)))
+            await asyncio.gather(*calls)
+            assert list(spool.envelopes()) == [(k, model[k][0]) for k in sorted(model)]
+            assert all(spool.body(k) == model[k][1] for k in model)
+        await spool.close()
+
+    asyncio.run(main())
 
 
 WRITER = textwrap.dedent(
