@@ -156,7 +156,7 @@ class Spool:
         future = loop.create_future()
         self._pending.append((op, future))
         if self._idle.is_set():
-            # Launch after the current loop iteration, so everything submitted in it shares the commit.
+            # Launch from the next loop iteration, so everything submitted in this one shares the commit.
             self._idle.clear()
             loop.call_soon(self._launch)
         return future
