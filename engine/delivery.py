@@ -1,7 +1,9 @@
 """Outbound delivery: next hops, pooled SMTP sessions, and one outcome per recipient.
 
 A worker asks "deliver this message to these recipients at this domain" and gets back an SMTP reply
-for every recipient. Sessions (aiosmtplib) are kept per destination domain and reused for the next
+for every recipient. aiosmtplib sets sessions up (connect, EHLO, STARTTLS); then the engine's own
+pipelining protocol takes the connection over for the transactions (MAIL, RCPTs and DATA in one
+write: aiosmtplib waits for every reply). Sessions are kept per destination domain and reused for the next
 message, within the domain's shaping: a limit on concurrent sessions, on messages per session and on
 idle time. Whatever goes wrong, the caller gets a reply to act on (bounce on 5xx, retry on 4xx),
 never an exception.
@@ -21,6 +23,7 @@ import aiosmtplib
 
 from engine.config import Config, Egress, Shaping
 from engine.resolver import DnsPermanentError, DnsTransientError, Resolver
+from engine.smtp.client import Reply, SMTPClientError, SMTPConnection
 
 COMMAND_TIMEOUT = 300.0
 """Seconds to wait for each reply once a session is up (RFC 5321 4.5.3.2 asks for 5 minutes)."""
@@ -114,10 +117,10 @@ class _Stale(Exception):
 class _Session:
     """One SMTP connection to a hop and how much it has been used."""
 
-    __slots__ = ("deliveries", "hop", "peer", "quit_timeout", "smtp", "timer")
+    __slots__ = ("conn", "deliveries", "hop", "peer", "quit_timeout", "timer")
 
-    def __init__(self, smtp: aiosmtplib.SMTP, hop: _Hop, peer: Peer, quit_timeout: float) -> None:
-        self.smtp = smtp
+    def __init__(self, conn: SMTPConnection, hop: _Hop, peer: Peer, quit_timeout: float) -> None:
+        self.conn = conn
         self.hop = hop
         self.peer = peer
         self.quit_timeout = quit_timeout
@@ -279,7 +282,7 @@ class Deliverer:
             await waiter
 
     def _take_idle(self, pool: _Pool, hops: list[_Hop]) -> _Session | None:
-        for session in [s for s in pool.idle if not s.smtp.is_connected]:
+        for session in [s for s in pool.idle if s.conn.closed]:
             pool.idle.remove(session)
             self._drop(pool, session)
         for hop in hops:
@@ -294,7 +297,7 @@ class Deliverer:
 
     def _checkin(self, pool: _Pool, session: _Session, shaping: Shaping) -> None:
         """After a transaction: back to the idle list, or QUIT when used up or no longer wanted."""
-        if not session.smtp.is_connected:
+        if session.conn.closed:
             self._drop(pool, session)
         elif self._closing or session.deliveries >= shaping.max_deliveries_per_connection:
             self._retire(pool, session)
@@ -311,7 +314,7 @@ class Deliverer:
 
     def _drop(self, pool: _Pool, session: _Session) -> None:
         """Close a session that cannot be used any more, without a goodbye."""
-        session.smtp.close()
+        session.conn.close()
         pool.open -= 1
         pool.wake()
         self._forget_if_unused(pool)
@@ -331,8 +334,8 @@ class Deliverer:
 
     async def _quit(self, pool: _Pool, session: _Session) -> None:
         try:
-            await session.smtp.quit(timeout=session.quit_timeout)
-        except (aiosmtplib.SMTPException, OSError):
+            await asyncio.wait_for(session.conn.quit(), session.quit_timeout)
+        except TimeoutError:
             pass
         finally:
             self._drop(pool, session)
@@ -390,8 +393,8 @@ class Deliverer:
         except BaseException:
             smtp.close()
             raise
-        smtp.timeout = self._command_timeout
-        return _Session(smtp, hop, peer, shaping.connect_timeout)
+        conn = SMTPConnection.adopt(smtp.transport, smtp.esmtp_extensions, timeout=self._command_timeout)
+        return _Session(conn, hop, peer, shaping.connect_timeout)
 
     async def _greet(self, smtp: aiosmtplib.SMTP, hop: _Hop) -> None:
         """EHLO, falling back to HELO for servers that do not know it (RFC 5321 4.1.4)."""
@@ -410,63 +413,49 @@ class Deliverer:
     async def _transact(
         self, session: _Session, sender: str, recipients: list[str], message: bytes
     ) -> dict[str, Response]:
-        """MAIL, RCPT per recipient, DATA if any was accepted; a reply for every recipient."""
-        smtp = session.smtp
+        """MAIL, RCPT per recipient and DATA pipelined; a reply for every recipient."""
+        conn = session.conn
         reused = session.deliveries > 0
         utf8 = not (sender.isascii() and all(rcpt.isascii() for rcpt in recipients))
-        if utf8 and not smtp.supports_extension("smtputf8"):
+        if utf8 and "SMTPUTF8" not in conn.extensions:
             return dict.fromkeys(recipients, _NO_SMTPUTF8)
-        encoding = "utf-8" if utf8 else "ascii"
-        options = [b"SMTPUTF8"] if utf8 else []
-        if not message.isascii() and smtp.supports_extension("8bitmime"):
-            options.append(b"BODY=8BITMIME")
         session.deliveries += 1
-        refused: dict[str, Response] = {}
-        accepted: list[str] = []
         try:
-            try:
-                reply = await smtp.execute_command(b"MAIL", b"FROM:<" + sender.encode(encoding) + b">", *options)
-            except aiosmtplib.SMTPServerDisconnected:
-                if reused:
-                    raise _Stale from None
-                raise
-            if reply.code == 421 and reused:
-                raise _Stale
-            if reply.code != 250:
-                await self._reset(smtp)
-                return dict.fromkeys(recipients, Response.parse(reply.code, reply.message))
-            for rcpt in recipients:
-                reply = await smtp.execute_command(b"RCPT", b"TO:<%s>" % rcpt.encode(encoding))
-                if reply.code in (250, 251):
-                    accepted.append(rcpt)
-                else:
-                    refused[rcpt] = Response.parse(reply.code, reply.message)
-            if not accepted:
-                await self._reset(smtp)
-                return refused
-            try:
-                reply = await smtp.data(message)
-            except aiosmtplib.SMTPDataError as exc:
-                await self._reset(smtp)
-                final = Response.parse(exc.code, exc.message)
+            mail, rcpt_replies, final = await conn.send_message(sender, recipients, message)
+        except SMTPClientError as exc:
+            if reused and (not exc.replies or exc.replies[0].code == 421):
+                raise _Stale from None
+            conn.close()
+            return _after_loss(
+                recipients, exc.replies, Response(451, "4.4.2", f"connection with {session.hop} lost: {exc}")
+            )
+        if mail.code == 421 and reused:
+            raise _Stale
+        if not mail.ok:
+            return dict.fromkeys(recipients, _response(mail))
+        outcome = {}
+        for rcpt, reply in zip(recipients, rcpt_replies, strict=True):
+            if not reply.ok:
+                outcome[rcpt] = _response(reply)
+            elif final is None:
+                outcome[rcpt] = Response(451, "4.4.2", f"no reply to DATA from {session.hop}")
             else:
-                final = Response.parse(reply.code, reply.message)
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            smtp.close()
-            lost = Response(451, "4.4.2", f"connection with {session.hop} lost: {exc}")
-            return {rcpt: refused.get(rcpt, lost) for rcpt in recipients}
-        return {rcpt: refused.get(rcpt, final) for rcpt in recipients}
+                outcome[rcpt] = _response(final)
+        return outcome
 
-    async def _reset(self, smtp: aiosmtplib.SMTP) -> None:
-        """RSET after an error reply so the session can carry the next message; close it if that fails."""
-        if not smtp.is_connected:
-            return
-        try:
-            reply = await smtp.execute_command(b"RSET")
-        except (aiosmtplib.SMTPException, OSError):
-            reply = None
-        if reply is None or reply.code != 250:
-            smtp.close()
+
+def _after_loss(recipients: list[str], replies: list[Reply], lost: Response) -> dict[str, Response]:
+    """Recipients refused before the connection broke keep their refusal; the others get `lost`."""
+    rcpt_replies = replies[1:] if replies and replies[0].ok else []
+    outcome = dict.fromkeys(recipients, lost)
+    for rcpt, reply in zip(recipients, rcpt_replies, strict=False):
+        if not reply.ok:
+            outcome[rcpt] = _response(reply)
+    return outcome
+
+
+def _response(reply: Reply) -> Response:
+    return Response(reply.code, reply.enhanced, reply.text.replace("\n", " "))
 
 
 def _unreachable(reason: str) -> _HopFailed:

@@ -254,7 +254,7 @@ class _Run:
 
 
 def _first_failure(mail: Reply, rcpts: list[Reply], data: Reply | None) -> str:
-    """The reply code that explains why a message was not accepted ("DATA" when DATA itself was refused)."""
+    """The reply code that explains why a message was not accepted (MAIL's, DATA's, else a recipient's)."""
     if not mail.ok:
         return str(mail.code)
     if data is not None:

@@ -356,7 +356,7 @@ def test_refused_data_command_resets(run, pipelining: bool) -> None:
         return conn, await conn.send_message("a@src.test", ["x@d.test"], MESSAGE)
 
     conn, (mail, rcpts, data) = run(go())
-    assert mail.ok and rcpts[0].ok and data is None
+    assert mail.ok and rcpts[0].ok and (data.code, data.enhanced) == (451, "4.3.0")
     assert peer.commands[-2:] == ["DATA", "RSET"]
     assert not conn.closed
 

@@ -106,7 +106,7 @@ def test_failures_are_counted_by_code_and_latency_percentiles_are_ordered() -> N
 
 def test_refused_data_command_is_counted() -> None:
     report = load(Peer(data_reply="554 5.7.1 no"), count=4, concurrency=2)
-    assert report.sent == 0 and report.failed == {"DATA": 4} and report.refused == {}
+    assert report.sent == 0 and report.failed == {"554": 4} and report.refused == {}
 
 
 def test_partly_refused_message_is_sent_but_not_ok() -> None:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import re
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 
@@ -42,11 +42,16 @@ class Reply:
 
 
 class SMTPClientError(Exception):
-    """The session cannot go on as asked; `reply` is the server's answer, or None (I/O, timeout, garbage)."""
+    """The session cannot go on as asked; `reply` is the server's answer, or None (I/O, timeout, garbage).
 
-    def __init__(self, message: str, reply: Reply | None = None) -> None:
+    `replies` holds what a broken transaction got before the break (MAIL's reply, then the RCPTs'), so a
+    recipient refused before a connection drop keeps its refusal.
+    """
+
+    def __init__(self, message: str, reply: Reply | None = None, replies: Sequence[Reply] = ()) -> None:
         super().__init__(message)
         self.reply = reply
+        self.replies = list(replies)
 
 
 class SMTPTimeoutError(SMTPClientError):
@@ -74,7 +79,7 @@ def _parse_reply(lines: list[bytes]) -> Reply:
 class _Transaction:
     """One message on its way: its commands, its body until sent, the replies so far, and its stage."""
 
-    __slots__ = ("body", "commands", "future", "replies", "stage")
+    __slots__ = ("body", "commands", "future", "refusal", "replies", "stage")
 
     def __init__(self, commands: list[bytes], body: bytes, future: asyncio.Future) -> None:
         self.commands = commands
@@ -82,6 +87,7 @@ class _Transaction:
         self.future = future
         self.replies: list[Reply] = []
         self.stage = _ENVELOPE
+        self.refusal: Reply | None = None  # the reply to DATA when the server refused it
 
 
 def _address(address: str) -> bytes:
@@ -149,6 +155,19 @@ class SMTPConnection(asyncio.Protocol):
             raise
         return conn
 
+    @classmethod
+    def adopt(cls, transport: asyncio.Transport, extensions: Mapping[str, str], *, timeout: float) -> SMTPConnection:
+        """Take over a session another client has set up (greeting, EHLO, STARTTLS, AUTH done), so that
+        its transactions from now on are pipelined by this protocol on the same connection."""
+        conn = cls(asyncio.get_running_loop(), timeout)
+        conn._expect.clear()
+        conn._greeting.cancel()
+        conn.extensions = {keyword.upper(): value for keyword, value in extensions.items()}
+        conn._use_extensions()
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+        return conn
+
     @property
     def closed(self) -> bool:
         """True once the connection can no longer carry a transaction."""
@@ -159,8 +178,9 @@ class SMTPConnection(asyncio.Protocol):
     ) -> tuple[Reply, list[Reply], Reply | None]:
         """Send one message (raw CRLF lines; dot-stuffing is done here).
 
-        Returns (MAIL reply, RCPT replies, final DATA reply). The last is None when the server took no
-        recipient or refused DATA; the session is then RSET and stays usable. RCPT replies cover every
+        Returns (MAIL reply, RCPT replies, final DATA reply). The last is the refusal when the server
+        refused the DATA command, and None when it took no recipient; the session is then RSET and
+        stays usable. RCPT replies cover every
         recipient, except that without PIPELINING a refused MAIL ends the attempt before any RCPT.
         Concurrent calls are queued in call order; with PIPELINING they overlap on the wire.
         """
@@ -209,6 +229,9 @@ class SMTPConnection(asyncio.Protocol):
             reply = await self._command(b"HELO " + encoded + b"\r\n")
         if not reply.ok:
             raise SMTPClientError("EHLO/HELO refused", reply)
+        self._use_extensions()
+
+    def _use_extensions(self) -> None:
         ext = self.extensions
         self._pipelining = "PIPELINING" in ext
         self._size = "SIZE" in ext
@@ -302,6 +325,7 @@ class SMTPConnection(asyncio.Protocol):
             out = b".\r\nRSET\r\n"
         else:
             txn.stage = _RESET
+            txn.refusal = reply if replies[0].ok and any(r.ok for r in replies[1:-1]) else None
             out = b"RSET\r\n"
         txn.body = b""
         if self._pipelining:
@@ -313,7 +337,7 @@ class SMTPConnection(asyncio.Protocol):
         self._expect.popleft()
         replies = txn.replies
         if not txn.future.done():
-            txn.future.set_result((replies[0], replies[1 : len(txn.commands) - 1], final))
+            txn.future.set_result((replies[0], replies[1 : len(txn.commands) - 1], final or txn.refusal))
         if not self._pipelining:
             self._busy = False
             following = self._dequeue()
@@ -341,9 +365,11 @@ class SMTPConnection(asyncio.Protocol):
         self._expect.clear()
         self._queued.clear()
         for item in pending:
-            future = item.future if item.__class__ is _Transaction else item
-            if not future.done():
-                future.set_exception(error(message, reply))
+            if item.__class__ is _Transaction:
+                if not item.future.done():
+                    item.future.set_exception(error(message, reply, item.replies))
+            elif not item.done():
+                item.set_exception(error(message, reply))
 
     def _abort(self, message: str, error: type[SMTPClientError] = SMTPClientError, reply: Reply | None = None) -> None:
         self._fail(message, error, reply)
