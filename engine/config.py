@@ -19,8 +19,11 @@ from typing import Any
 from engine.units import parse_duration, parse_rate, parse_size
 
 __all__ = [
+    "BOUNCE_CLASSES",
     "Address",
     "AdminSettings",
+    "BounceRule",
+    "BounceSettings",
     "ClusterSettings",
     "Config",
     "ConfigError",
@@ -31,6 +34,7 @@ __all__ = [
     "Lane",
     "ListUnsubscribe",
     "Listener",
+    "ReputationSettings",
     "Shaping",
     "load_config",
     "parse_duration",
@@ -182,6 +186,48 @@ class ClusterSettings:
     redis: str | None
 
 
+BOUNCE_CLASSES = (
+    "bad-mailbox",
+    "bad-domain",
+    "inactive-mailbox",
+    "quota-issues",
+    "spam-related",
+    "policy-related",
+    "content-related",
+    "routing-errors",
+    "protocol-errors",
+    "message-expired",
+    "invalid-sender",
+    "other",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BounceRule:
+    """One extra classification rule: every condition given must match."""
+
+    bounce_class: str
+    code: str | None = None  # glob over the reply code: "550", "55?"
+    enhanced: str | None = None  # glob over the enhanced status code: "5.7.*", "?.1.1"
+    text: str | None = None  # regular expression searched in the reply text, case-insensitive
+
+
+@dataclass(frozen=True, slots=True)
+class BounceSettings:
+    rules: tuple[BounceRule, ...] = ()  # tried before the built-in table
+
+
+@dataclass(frozen=True, slots=True)
+class ReputationSettings:
+    """Per (tenant, campaign) limits over a rolling window; above either the campaign is suspended."""
+
+    window: float = 86400.0
+    min_messages: int = 500  # no verdict on fewer outcomes than this
+    max_bounce_rate: float = 0.05  # hard bounces / outcomes
+    max_complaint_rate: float = 0.003  # complaints / outcomes
+    feedback_address: str | None = None  # ARF reports (RFC 5965) mailed here count as complaints
+
+
 @dataclass(frozen=True)
 class Config:
     source: Path | None
@@ -195,6 +241,8 @@ class Config:
     shaping: Mapping[str, Shaping]
     dkim: Mapping[str, DkimKey]
     cluster: ClusterSettings = field(default_factory=lambda: ClusterSettings(None))
+    bounces: BounceSettings = field(default_factory=BounceSettings)
+    reputation: ReputationSettings = field(default_factory=ReputationSettings)
 
     def shaping_for(self, domain: str) -> Shaping:
         """The domain's own rule (already merged over "default" at load time), else "default"."""
@@ -425,6 +473,46 @@ def _redis_url(value: Any) -> str:
     return text
 
 
+def _fraction(value: Any) -> float:
+    """0.05 or "5%": a rate between 0 and 1."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            value = float(value.strip()[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"expected a fraction like 0.05 or '5%', got {value!r}") from None
+    elif isinstance(value, _EnvStr):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"expected a fraction like 0.05 or '5%', got {value!r}") from None
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise ValueError(f"expected a fraction between 0 and 1 (or a percentage), got {_kind(value)}")
+    return float(value)
+
+
+def _code_glob(value: Any) -> str:
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else _string(value).strip()
+    if not re.fullmatch(r"[245?*][0-9?*]{0,2}", text):
+        raise ValueError(f"expected a reply code or glob like 550 or '55?', got {value!r}")
+    return text
+
+
+def _enhanced_glob(value: Any) -> str:
+    text = _string(value).strip()
+    if not re.fullmatch(r"[245?*](\.[0-9?*]{1,3}){0,2}\**", text):
+        raise ValueError(f"expected an enhanced status code or glob like '5.1.1' or '5.7.*', got {text!r}")
+    return text
+
+
+def _regex(value: Any) -> str:
+    text = _string(value)
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression {text!r}: {exc}") from None
+    return text
+
+
 def _mailbox(value: Any) -> str:
     text = _string(value).strip().removeprefix("mailto:")
     local, at, domain = text.rpartition("@")
@@ -463,6 +551,8 @@ _ROOT_KEYS = (
     "shaping",
     "dkim",
     "cluster",
+    "bounces",
+    "reputation",
 )
 
 _SHAPING_DEFAULT = Shaping(
@@ -559,9 +649,12 @@ class _Reader:
         shaping = self.shaping(raw.get("shaping", {}))
         dkim = self.dkim(raw.get("dkim", {}))
         cluster = self.cluster(raw.get("cluster", {}))
+        bounces = self.bounces(raw.get("bounces", {}))
+        reputation = self.reputation(raw.get("reputation", {}))
         if self.errors:
             raise ConfigError(self.errors)
-        return Config(None, engine, admin, dns, routes, listeners, lanes, egress, shaping, dkim, cluster)
+        config = Config(None, engine, admin, dns, routes, listeners, lanes, egress, shaping, dkim, cluster)
+        return dataclasses.replace(config, bounces=bounces, reputation=reputation)
 
     def substitute_env(self, node: Any, path: KeyPath) -> Any:
         """Replace every "env:NAME" string value with that environment variable's value."""
@@ -863,3 +956,29 @@ class _Reader:
     def cluster(self, raw: Any) -> ClusterSettings:
         values = self.table(raw, ("cluster",), {"redis": _redis_url}) or {}
         return ClusterSettings(values.get("redis"))
+
+    def bounces(self, raw: Any) -> BounceSettings:
+        values = self.table(raw, ("bounces",), {"rules": _ListOf(lambda rule: rule, nonempty=False)}) or {}
+        rules = []
+        spec = {"class": _choice(*BOUNCE_CLASSES), "code": _code_glob, "enhanced": _enhanced_glob, "text": _regex}
+        for index, table in enumerate(values.get("rules", ())):
+            path = ("bounces", "rules", index)
+            rule = self.table(table, path, spec, required=("class",))
+            if rule is None or "class" not in rule:
+                continue
+            if not {"code", "enhanced", "text"} & table.keys():
+                self.error(path, "a rule needs at least one of code, enhanced, text")
+                continue
+            rules.append(BounceRule(rule["class"], rule.get("code"), rule.get("enhanced"), rule.get("text")))
+        return BounceSettings(tuple(rules))
+
+    def reputation(self, raw: Any) -> ReputationSettings:
+        spec = {
+            "window": _positive_duration,
+            "min_messages": _integer(1),
+            "max_bounce_rate": _fraction,
+            "max_complaint_rate": _fraction,
+            "feedback_address": _mailbox,
+        }
+        values = self.table(raw, ("reputation",), spec) or {}
+        return ReputationSettings(**values)

@@ -11,8 +11,10 @@ import pytest
 
 from engine.config import (
     Address,
+    BounceRule,
     ConfigError,
     ListUnsubscribe,
+    ReputationSettings,
     Shaping,
     load_config,
     parse_duration,
@@ -659,4 +661,61 @@ def test_listeners_sharing_a_lane_need_their_own_names(tmp_path: Path, monkeypat
     assert [(listener.name, str(listener.listen)) for listener in config.listeners] == [
         ("bulk", "127.0.0.1:2525"),
         ("bulk-v6", "[::1]:2525"),
+    ]
+
+
+def test_bounce_rules_and_reputation_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, ""))
+    assert config.bounces.rules == ()
+    assert config.reputation == ReputationSettings(86400.0, 500, 0.05, 0.003, None)
+
+
+def test_bounce_rules_and_reputation(tmp_path: Path) -> None:
+    text = """
+[bounces]
+rules = [
+  { class = "spam-related", text = "listed at example-rbl" },
+  { class = "quota-issues", code = 452, enhanced = "4.2.*" },
+]
+[reputation]
+window = "1h"
+min_messages = 20
+max_bounce_rate = "5%"
+max_complaint_rate = 0.003
+feedback_address = "fbl@example.net"
+"""
+    config = load_config(write(tmp_path, text))
+    assert config.bounces.rules == (
+        BounceRule("spam-related", text="listed at example-rbl"),
+        BounceRule("quota-issues", code="452", enhanced="4.2.*"),
+    )
+    assert config.reputation == ReputationSettings(3600.0, 20, 0.05, 0.003, "fbl@example.net")
+
+
+def test_bounce_rules_and_reputation_errors(tmp_path: Path) -> None:
+    text = """
+[bounces]
+rules = [
+  { class = "soft", code = 450 },
+  { class = "other" },
+  { class = "other", text = "([unclosed" },
+  { class = "other", code = "6xx", enhanced = "5-1-1", colour = "red" },
+]
+[reputation]
+max_bounce_rate = 5
+max_complaint_rate = "lots%"
+min_messages = 0
+"""
+    prefix = f"{tmp_path / 'engine.toml'}: "
+    errors = [error.removeprefix(prefix) for error in errors_of(write(tmp_path, text))]
+    assert [error.split(":", 1)[0] for error in errors] == [
+        "bounces.rules[0].class",
+        "bounces.rules[1]",
+        "bounces.rules[2].text",
+        "bounces.rules[3].code",
+        "bounces.rules[3].enhanced",
+        "bounces.rules[3].colour",
+        "reputation.max_bounce_rate",
+        "reputation.max_complaint_rate",
+        "reputation.min_messages",
     ]
