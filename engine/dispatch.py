@@ -68,7 +68,8 @@ class Dispatcher:
         self._spool = spool
         self._log = log
         self.deliverers = deliverers
-        self._scheduler = Scheduler(capacity)
+        self._capacity = capacity
+        self._scheduler = Scheduler(capacity * 2)  # headroom for messages accepted while `full` flipped
         self._items: dict[int, _Item] = {}
         self._item_ids = itertools.count(1)
         self._queues: dict[tuple[str, str], int] = {}
@@ -88,7 +89,7 @@ class Dispatcher:
 
     @property
     def full(self) -> bool:
-        return len(self._items) >= self._scheduler.capacity
+        return len(self._items) >= self._capacity
 
     def schedule(self, key: bytes, envelope: Envelope) -> None:
         """Queues every destination of a message that still has pending recipients."""
@@ -103,19 +104,21 @@ class Dispatcher:
         egress = self._next_egress(domain)
         queue = self._queue(egress, domain)
         item = next(self._item_ids)
+        now = time.monotonic()
         self._items[item] = _Item(
             key, domain, egress, envelope.priority, envelope.campaign, envelope.tenant, envelope.created, expires
         )
+        ready = due <= now
         self._scheduler.schedule(
             item,
             queue,
             envelope.priority,
-            due,
+            0.0 if ready else due,
             expires,
             self._tag(envelope.campaign),
             self._tag(envelope.tenant),
         )
-        if due <= time.monotonic():
+        if ready:
             self._wake(queue)
 
     def _tag(self, name: str | None) -> int:
