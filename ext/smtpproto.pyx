@@ -198,7 +198,7 @@ def decode_data(buf, Py_ssize_t length, Py_ssize_t max_line=_MAX_TEXT_LINE) -> t
     try:
         while s < length:
             if _octets(p, s, length, True, &next_start) > max_line:
-                return b"", LINE_TOO_LONG
+                return b"", _TOO_LONG
             if p[s] == b".":
                 if out == NULL:
                     out = <unsigned char *>PyMem_Malloc(length)
@@ -210,11 +210,11 @@ def decode_data(buf, Py_ssize_t length, Py_ssize_t max_line=_MAX_TEXT_LINE) -> t
             s = next_start
         if out == NULL:
             if PyBytes_CheckExact(buf) and length == n:
-                return buf, OK
-            return PyBytes_FromStringAndSize(<char *>p, length), OK
+                return buf, _OK
+            return PyBytes_FromStringAndSize(<char *>p, length), _OK
         memcpy(out + written, p + copied, length - copied)
         written += length - copied
-        return PyBytes_FromStringAndSize(<char *>out, written), OK
+        return PyBytes_FromStringAndSize(<char *>out, written), _OK
     finally:
         PyMem_Free(out)
 
