@@ -15,12 +15,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from engine.bounces import BounceClassifier
 from engine.config import Config, Egress, Lane
 from engine.delivery import Attempt, Deliverer, Response
 from engine.envelope import Envelope, Recipient, RecipientState
 from engine.events import EventLog, message_record
 from engine.scheduler import Scheduler
 from engine.spool import Spool, SpoolError
+from engine.suppression import SuppressionList
 from engine.suspensions import Suspension, Suspensions
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,8 @@ class Dispatcher:
         self._parked: dict[int, _Item] = {}
         self._timer: asyncio.Task | None = None
         self._stopping = False
+        self.bounce_classifier = BounceClassifier.from_config(config)
+        self.suppression: SuppressionList | None = None  # bulk lanes: recipients on it are not sent to
 
     # scheduling
 
@@ -164,8 +168,12 @@ class Dispatcher:
             task.cancel()
 
     def reload(self, config: Config, lane: Lane) -> None:
+        """New routes, shaping and retry schedule from now on; sessions and queued messages stay."""
         self._config = config
         self._lane = lane
+        for deliverer in self.deliverers.values():
+            deliverer.reload(config)
+        self.bounce_classifier = BounceClassifier.from_config(config)
 
     async def _run_timers(self) -> None:
         while True:
@@ -231,12 +239,37 @@ class Dispatcher:
             body = self._spool.body(target.key)
             if not recipients or body is None:
                 return
+            if self.suppression is not None:
+                recipients = self._drop_suppressed(target, envelope, recipients)
+                if not recipients:
+                    await self._persist(target.key, envelope)
+                    return
             deliverer = self.deliverers[target.egress]
             attempt = await deliverer.deliver(target.domain, envelope.sender, [r.address for r in recipients], body)
             self._record_outcomes(target, envelope, recipients, attempt)
             await self._persist(target.key, envelope)
         finally:
             self._release(target.key, shared)
+
+    def _drop_suppressed(self, target: _Item, envelope: Envelope, recipients: list[Recipient]) -> list[Recipient]:
+        """Recipients suppressed since reception become final without an attempt, as Suppressed records."""
+        kept = []
+        for recipient in recipients:
+            if not self.suppression.contains(recipient.address, envelope.tenant):
+                kept.append(recipient)
+                continue
+            recipient.state = RecipientState.FAILED
+            self._log.emit(
+                message_record(
+                    "Suppressed",
+                    target.key,
+                    envelope,
+                    recipient=recipient.address,
+                    domain=target.domain,
+                    attempt=recipient.attempts,
+                )
+            )
+        return kept
 
     def _record_outcomes(
         self, target: _Item, envelope: Envelope, recipients: Sequence[Recipient], attempt: Attempt
@@ -283,7 +316,7 @@ class Dispatcher:
         response: Response,
     ) -> dict:
         peer = attempt.peer
-        return message_record(
+        record = message_record(
             event,
             target.key,
             envelope,
@@ -294,6 +327,11 @@ class Dispatcher:
             peer={"host": peer.host, "address": peer.address} if peer else None,
             response={"code": response.code, "enhanced": response.enhanced, "text": response.text},
         )
+        if event == "Expiration":
+            record["bounce_class"] = "message-expired"
+        elif event != "Delivery":
+            record["bounce_class"] = self.bounce_classifier.classify(response.code, response.enhanced, response.text)
+        return record
 
     def _expire(self, target: _Item | None) -> None:
         if target is not None:
@@ -317,18 +355,19 @@ class Dispatcher:
                     continue
                 recipient.state = RecipientState.FAILED
                 finished += 1
-                self._log.emit(
-                    message_record(
-                        event,
-                        target.key,
-                        envelope,
-                        recipient=recipient.address,
-                        domain=target.domain,
-                        attempt=recipient.attempts,
-                        egress_source=target.egress,
-                        response=response,
-                    )
+                record = message_record(
+                    event,
+                    target.key,
+                    envelope,
+                    recipient=recipient.address,
+                    domain=target.domain,
+                    attempt=recipient.attempts,
+                    egress_source=target.egress,
+                    response=response,
                 )
+                if event == "Expiration":
+                    record["bounce_class"] = "message-expired"
+                self._log.emit(record)
             await self._persist(target.key, envelope)
         finally:
             self._release(target.key, shared)
