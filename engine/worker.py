@@ -21,6 +21,7 @@ from engine.config import Config, ConfigError, load_config
 from engine.dispatch import Dispatcher, new_deliverers
 from engine.envelope import Envelope
 from engine.events import EventLog
+from engine.postmaster import Postmaster
 from engine.reception import ReceptionHandler
 from engine.resolver import Resolver
 from engine.signing import DkimKeyError, DkimSigner
@@ -56,15 +57,18 @@ class Worker:
         self.signer = DkimSigner.from_config(config.dkim)
         signer = DkimSigner.from_config(config.dkim)
         self.dispatcher = Dispatcher(config, lane, spool, events, new_deliverers(config, lane, resolver))
+        postmaster = Postmaster(config, lane, spool, events, self.dispatcher, signer)
+        options = postmaster.reception_options()
         recovered = self._recover(spool)
         log.info("worker %s/%d recovered %d messages from its spool", lane.name, self.index, recovered)
         self.dispatcher.start()
+        postmaster.start()
         for listener in config.listeners:
             sock = self.sockets.get(listener.name)
             if listener.lane != lane.name or sock is None or listener.protocol != "smtp":
                 continue
             handler = ReceptionHandler(
-                config.engine.hostname, lane, listener.name, spool, events, self.dispatcher, signer
+                config.engine.hostname, lane, listener.name, spool, events, self.dispatcher, signer, **options
             )
             self.handlers.append(handler)
             limits = Limits(listener.max_message_size, listener.max_recipients, listener.idle_timeout)
@@ -82,6 +86,7 @@ class Worker:
         await self.dispatcher.stop(GRACE_PERIOD)
         for deliverer in self.dispatcher.deliverers.values():
             await deliverer.close()
+        await postmaster.close()
         await spool.close()
         events.close()
 
