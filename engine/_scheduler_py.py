@@ -1,136 +1,317 @@
-"""Pure-Python scheduler: the reference for the compiled one and the fallback where it is not built.
+"""Pure-Python twin of engine._scheduler: ready queues by priority, retry timers, expiry, suspensions.
 
-Items are ints owned by the caller (a lane worker maps them to spool keys). Each sits either in a
-ready queue (FIFO per priority, 0 most urgent) or in the timer heap until it is due; expiry is checked
-in both states. Removal is lazy: a removed item stays in its deque or heap until it reaches the front.
+Same API and the same decisions as the compiled module, written for clarity (heapq with lazy deletion)
+and used when no compiler was at hand or ENGINE_PURE_PYTHON=1.
+
+An item is an int the worker maps to a spool key; it sits on one queue (an int per (egress, domain)).
+Order inside a queue: priority 0 before 9, then the order in which items became ready. Waiting items
+become ready in (due, rank) order; expired() returns items in (expires, item) order, in any state.
+Items of a suspended campaign or tenant are parked when pop() meets them and go back to their queue,
+in their original order, when the suspension is lifted; a suspended queue simply pops nothing.
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
-from collections import deque
+
+__all__ = ["MAX_QUEUES", "PRIORITIES", "Scheduler", "SchedulerFull"]
 
 PRIORITIES = 10
-_WAITING, _READY = 0, 1
+MAX_QUEUES = 1 << 20
+
+_WAITING, _READY, _PARKED = 0, 1, 2
+_RANK_SHIFT = 56
+_COMPACT_SLACK = 4096
 
 
 class SchedulerFull(Exception):
     """The scheduler holds `capacity` items; reception answers 452 until deliveries make room."""
 
 
+class _Record:
+    __slots__ = ("campaign", "due", "expires", "item", "priority", "queue", "rank", "state", "tenant", "token")
+
+    def __init__(self, item: int, queue: int, priority: int, due: float, expires: float, campaign: int, tenant: int):
+        self.item = item
+        self.queue = queue
+        self.priority = priority
+        self.due = due
+        self.expires = expires
+        self.campaign = campaign
+        self.tenant = tenant
+        self.rank = 0
+        self.state = _WAITING
+        self.token = 0
+
+
 class _Queue:
-    __slots__ = ("ready", "ready_count", "waiting_count")
+    __slots__ = ("heap", "parked", "ready", "suspended", "waiting")
 
     def __init__(self) -> None:
-        self.ready: list[deque[tuple[int, int]]] = [deque() for _ in range(PRIORITIES)]
-        self.ready_count = 0
-        self.waiting_count = 0
+        self.heap: list[tuple[int, int]] = []
+        self.ready = 0
+        self.waiting = 0
+        self.parked = 0
+        self.suspended = False
 
 
 class Scheduler:
-    """Ready queues, retry timers and expiry for one worker's items."""
+    """Ready queues, retry timers and expiry for one worker's items, at most `capacity` of them."""
 
-    def __init__(self, capacity: int = 2_000_000) -> None:
-        self.capacity = capacity
-        self._items: dict[int, list] = {}  # item -> [queue, priority, state, sequence]
+    def __init__(self, capacity: int = 1_000_000) -> None:
+        if capacity < 1 or capacity >= 1 << 31:
+            raise ValueError("capacity must be in [1, 2**31)")
+        self._capacity = capacity
+        self._records: dict[int, _Record] = {}
         self._queues: dict[int, _Queue] = {}
         self._timers: list[tuple[float, int, int]] = []
-        self._expiries: list[tuple[float, int, int]] = []
-        self._sequence = itertools.count()
+        self._expiry: list[tuple[float, int, int]] = []
+        self._parked: dict[int, _Record] = {}
+        self._campaigns: set[int] = set()
+        self._tenants: set[int] = set()
+        self._counter = 0
+        self._garbage = 0
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._records)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._records
 
     def schedule(
-        self, item: int, queue: int, priority: int, due: float, expires: float, campaign: int = 0, tenant: int = 0
+        self,
+        item: int,
+        queue: int,
+        priority: int,
+        due: float,
+        expires: float,
+        campaign: int = 0,
+        tenant: int = 0,
+        now: float = 0.0,
     ) -> None:
-        """Adds an item, ready at once when `due` is not in the future (the caller passes 0 for "now")."""
-        if item in self._items:
-            raise ValueError(f"item {item} is already scheduled")
-        if len(self._items) >= self.capacity:
-            raise SchedulerFull(f"scheduler full ({self.capacity} items)")
+        """Holds an item, ready at once when due <= now (pass due=0 for "now"); SchedulerFull when full."""
         if not 0 <= priority < PRIORITIES:
-            raise ValueError(f"priority {priority} outside 0..{PRIORITIES - 1}")
+            raise ValueError("priority must be in [0, 10)")
+        if not 0 <= queue < MAX_QUEUES:
+            raise ValueError("queue must be in [0, 2**20)")
+        if item < 0:
+            raise ValueError("item must be >= 0")
+        if due != due or expires != expires:
+            raise ValueError("due and expires must not be NaN")
+        if item in self._records:
+            raise ValueError(f"item {item} is already scheduled")
+        if len(self._records) >= self._capacity:
+            raise SchedulerFull(f"scheduler full ({self._capacity} items)")
+        record = _Record(item, queue, priority, due, expires, campaign, tenant)
+        self._counter += 1
+        record.token = self._counter
+        record.rank = (priority << _RANK_SHIFT) | self._counter
+        self._records[item] = record
         state = self._queues.get(queue)
         if state is None:
             state = self._queues[queue] = _Queue()
-        sequence = next(self._sequence)
-        if due <= 0:
-            self._items[item] = [queue, priority, _READY, sequence]
-            state.ready[priority].append((item, sequence))
-            state.ready_count += 1
+        if due <= now:
+            record.state = _READY
+            state.ready += 1
+            heapq.heappush(state.heap, (record.rank, item))
         else:
-            self._items[item] = [queue, priority, _WAITING, sequence]
-            heapq.heappush(self._timers, (due, sequence, item))
-            state.waiting_count += 1
-        heapq.heappush(self._expiries, (expires, sequence, item))
+            state.waiting += 1
+            heapq.heappush(self._timers, (due, record.rank, item))
+        heapq.heappush(self._expiry, (expires, item, record.token))
 
     def advance(self, now: float) -> list[int]:
-        """Moves items whose time has come into their ready queues; returns the queues that got some."""
+        """Moves items due by `now` to their ready queues; returns the (unsuspended) queues that got some."""
+        woken: list[int] = []
+        seen: set[int] = set()
         timers = self._timers
-        woken: set[int] = set()
         while timers and timers[0][0] <= now:
-            _, sequence, item = heapq.heappop(timers)
-            entry = self._items.get(item)
-            if entry is None or entry[3] != sequence:
+            _, rank, item = heapq.heappop(timers)
+            record = self._records.get(item)
+            if record is None or record.state != _WAITING or record.rank != rank:
+                self._garbage -= 1
                 continue
-            queue, priority = entry[0], entry[1]
-            entry[2] = _READY
-            state = self._queues[queue]
-            state.waiting_count -= 1
-            state.ready_count += 1
-            state.ready[priority].append((item, sequence))
-            woken.add(queue)
-        return list(woken)
-
-    def next_due(self) -> float | None:
-        """When the earliest waiting item becomes ready (None when nothing waits)."""
-        timers = self._timers
-        while timers and (self._items.get(timers[0][2]) or (0, 0, 0, -1))[3] != timers[0][1]:
-            heapq.heappop(timers)
-        return timers[0][0] if timers else None
+            self._counter += 1
+            record.rank = (record.priority << _RANK_SHIFT) | self._counter
+            record.state = _READY
+            state = self._queues[record.queue]
+            state.waiting -= 1
+            state.ready += 1
+            heapq.heappush(state.heap, (record.rank, item))
+            if not state.suspended and record.queue not in seen:
+                seen.add(record.queue)
+                woken.append(record.queue)
+        return woken
 
     def pop(self, queue: int) -> int:
-        """The most urgent ready item of the queue (FIFO within a priority), removed; -1 when none."""
+        """The most urgent poppable item of `queue`, removed from the scheduler; -1 when there is none."""
         state = self._queues.get(queue)
-        if state is None or not state.ready_count:
+        if state is None or state.suspended:
             return -1
-        items = self._items
-        for ready in state.ready:
-            while ready:
-                item, sequence = ready.popleft()
-                entry = items.get(item)
-                if entry is not None and entry[3] == sequence:
-                    del items[item]
-                    state.ready_count -= 1
-                    return item
+        heap = state.heap
+        while heap:
+            rank, item = heapq.heappop(heap)
+            record = self._records.get(item)
+            if record is None or record.state != _READY or record.rank != rank:
+                self._garbage -= 1
+                continue
+            state.ready -= 1
+            if (self._campaigns and record.campaign in self._campaigns) or (
+                self._tenants and record.tenant in self._tenants
+            ):
+                record.state = _PARKED
+                state.parked += 1
+                self._parked[item] = record
+                continue
+            del self._records[item]
+            self._garbage += 1
+            self._maybe_compact()
+            return item
         return -1
 
     def expired(self, now: float) -> list[int]:
-        """Items whose expiry passed, in any state; they are removed."""
-        expiries = self._expiries
-        found = []
-        while expiries and expiries[0][0] <= now:
-            _, sequence, item = heapq.heappop(expiries)
-            entry = self._items.get(item)
-            if entry is not None and entry[3] == sequence:
-                self.remove(item)
-                found.append(item)
-        return found
+        """Removes and returns every item whose expiry is <= now, whatever its state."""
+        out: list[int] = []
+        expiry = self._expiry
+        while expiry and expiry[0][0] <= now:
+            _, item, token = heapq.heappop(expiry)
+            record = self._records.get(item)
+            if record is None or record.token != token:
+                self._garbage -= 1
+                continue
+            self._discard(record, expiry_entry=False)
+            out.append(item)
+        self._maybe_compact()
+        return out
 
     def remove(self, item: int) -> bool:
-        entry = self._items.pop(item, None)
-        if entry is None:
+        """Drops an item in any state (admin bounce); False when it was not held."""
+        record = self._records.get(item)
+        if record is None:
             return False
-        state = self._queues[entry[0]]
-        if entry[2] == _READY:
-            state.ready_count -= 1
-        else:
-            state.waiting_count -= 1
+        self._discard(record, expiry_entry=True)
+        self._maybe_compact()
         return True
 
+    def next_due(self) -> float | None:
+        """Due time of the earliest waiting item, None when nothing waits."""
+        timers = self._timers
+        while timers:
+            _, rank, item = timers[0]
+            record = self._records.get(item)
+            if record is not None and record.state == _WAITING and record.rank == rank:
+                return timers[0][0]
+            heapq.heappop(timers)
+            self._garbage -= 1
+        return None
+
+    def next_expiry(self) -> float | None:
+        """Earliest expiry of any held item, None when empty."""
+        expiry = self._expiry
+        while expiry:
+            _, item, token = expiry[0]
+            record = self._records.get(item)
+            if record is not None and record.token == token:
+                return expiry[0][0]
+            heapq.heappop(expiry)
+            self._garbage -= 1
+        return None
+
     def counts(self, queue: int) -> tuple[int, int]:
-        """(ready, waiting) items of the queue."""
+        """(ready, waiting) of a queue; parked items are in neither (see parked())."""
         state = self._queues.get(queue)
-        return (state.ready_count, state.waiting_count) if state is not None else (0, 0)
+        return (0, 0) if state is None else (state.ready, state.waiting)
+
+    def parked(self, queue: int) -> int:
+        """Items of `queue` parked by a campaign or tenant suspension."""
+        state = self._queues.get(queue)
+        return 0 if state is None else state.parked
+
+    def suspend_queue(self, queue: int) -> None:
+        if not 0 <= queue < MAX_QUEUES:
+            raise ValueError("queue must be in [0, 2**20)")
+        state = self._queues.get(queue)
+        if state is None:
+            state = self._queues[queue] = _Queue()
+        state.suspended = True
+
+    def resume_queue(self, queue: int) -> list[int]:
+        """Returns [queue] when it has ready items to wake, else []."""
+        state = self._queues.get(queue)
+        if state is None or not state.suspended:
+            return []
+        state.suspended = False
+        return [queue] if state.ready else []
+
+    def suspend_campaign(self, campaign: int) -> None:
+        if campaign <= 0:
+            raise ValueError("campaign must be > 0")
+        self._campaigns.add(campaign)
+
+    def resume_campaign(self, campaign: int) -> list[int]:
+        """Unparks what no other suspension holds; returns the (unsuspended) queues that got items back."""
+        self._campaigns.discard(campaign)
+        return self._unpark()
+
+    def suspend_tenant(self, tenant: int) -> None:
+        if tenant <= 0:
+            raise ValueError("tenant must be > 0")
+        self._tenants.add(tenant)
+
+    def resume_tenant(self, tenant: int) -> list[int]:
+        """Unparks what no other suspension holds; returns the (unsuspended) queues that got items back."""
+        self._tenants.discard(tenant)
+        return self._unpark()
+
+    def _unpark(self) -> list[int]:
+        woken: list[int] = []
+        seen: set[int] = set()
+        for item, record in list(self._parked.items()):
+            if record.campaign in self._campaigns or record.tenant in self._tenants:
+                continue
+            del self._parked[item]
+            record.state = _READY
+            state = self._queues[record.queue]
+            state.parked -= 1
+            state.ready += 1
+            heapq.heappush(state.heap, (record.rank, item))
+            if not state.suspended and record.queue not in seen:
+                seen.add(record.queue)
+                woken.append(record.queue)
+        return woken
+
+    def _discard(self, record: _Record, *, expiry_entry: bool) -> None:
+        del self._records[record.item]
+        state = self._queues[record.queue]
+        if record.state == _WAITING:
+            state.waiting -= 1
+            self._garbage += 1
+        elif record.state == _READY:
+            state.ready -= 1
+            self._garbage += 1
+        else:
+            state.parked -= 1
+            del self._parked[record.item]
+        if expiry_entry:
+            self._garbage += 1
+
+    def _maybe_compact(self) -> None:
+        """Rebuilds the heaps once stale entries outnumber live items, so garbage stays bounded."""
+        if self._garbage <= len(self._records) + _COMPACT_SLACK:
+            return
+        records = self._records.values()
+        self._timers = [(r.due, r.rank, r.item) for r in records if r.state == _WAITING]
+        self._expiry = [(r.expires, r.item, r.token) for r in records]
+        heapq.heapify(self._timers)
+        heapq.heapify(self._expiry)
+        for state in self._queues.values():
+            state.heap.clear()
+        for r in records:
+            if r.state == _READY:
+                self._queues[r.queue].heap.append((r.rank, r.item))
+        for state in self._queues.values():
+            heapq.heapify(state.heap)
+        self._garbage = 0

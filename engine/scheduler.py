@@ -7,17 +7,17 @@ which one is loaded ("compiled" or "python").
 import os
 
 if os.environ.get("ENGINE_PURE_PYTHON") == "1":
-    from engine._scheduler_py import PRIORITIES, Scheduler, SchedulerFull
+    from engine._scheduler_py import MAX_QUEUES, PRIORITIES, Scheduler, SchedulerFull
 
     IMPLEMENTATION = "python"
 else:
     try:
-        from engine._scheduler import PRIORITIES, Scheduler, SchedulerFull
+        from engine._scheduler import MAX_QUEUES, PRIORITIES, Scheduler, SchedulerFull
 
         IMPLEMENTATION = "compiled"
     except ImportError:
-        from engine._scheduler_py import PRIORITIES, Scheduler, SchedulerFull
+        from engine._scheduler_py import MAX_QUEUES, PRIORITIES, Scheduler, SchedulerFull
 
         IMPLEMENTATION = "python"
 
-__all__ = ["IMPLEMENTATION", "PRIORITIES", "Scheduler", "SchedulerFull"]
+__all__ = ["IMPLEMENTATION", "MAX_QUEUES", "PRIORITIES", "Scheduler", "SchedulerFull"]

@@ -1,0 +1,222 @@
+"""engine.scheduler: both implementations, the same cases, and a state machine that they decide alike.
+
+Every test runs against the compiled engine._scheduler and the pure engine._scheduler_py; a missing
+compiled module fails the test (the suite builds extensions first).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from types import ModuleType
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+IMPLEMENTATIONS = {"compiled": "engine._scheduler", "python": "engine._scheduler_py"}
+FAR = 1e12
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def impl(request: pytest.FixtureRequest) -> ModuleType:
+    return importlib.import_module(IMPLEMENTATIONS[request.param])
+
+
+def drain(scheduler, queue: int) -> list[int]:
+    out = []
+    for _ in range(len(scheduler) + 1):
+        item = scheduler.pop(queue)
+        if item < 0:
+            return out
+        out.append(item)
+    raise AssertionError("pop never ran dry")
+
+
+def test_priority_zero_behind_five_thousand_pops_first(impl: ModuleType) -> None:
+    scheduler = impl.Scheduler()
+    for item in range(5000):
+        scheduler.schedule(item, 3, 5, 0.0, FAR)
+    scheduler.schedule(10_000, 3, 0, 0.0, FAR)
+    assert scheduler.pop(3) == 10_000
+    assert drain(scheduler, 3) == list(range(5000))
+
+
+def test_fifo_inside_a_priority_is_the_order_of_becoming_ready(impl: ModuleType) -> None:
+    scheduler = impl.Scheduler()
+    scheduler.schedule(1, 0, 4, 20.0, FAR)
+    scheduler.schedule(2, 0, 4, 10.0, FAR)
+    scheduler.schedule(3, 0, 4, 0.0, FAR)
+    scheduler.schedule(4, 0, 4, 15.0, FAR, now=15.0)
+    assert scheduler.counts(0) == (2, 2)
+    assert scheduler.next_due() == 10.0
+    assert scheduler.advance(30.0) == [0]
+    assert drain(scheduler, 0) == [3, 4, 2, 1]
+    assert scheduler.next_due() is None
+
+
+def test_expiry_applies_to_ready_waiting_and_parked_items(impl: ModuleType) -> None:
+    scheduler = impl.Scheduler()
+    scheduler.schedule(1, 0, 5, 0.0, 50.0, campaign=7)
+    scheduler.schedule(2, 0, 5, 0.0, 40.0)
+    scheduler.schedule(3, 1, 5, 500.0, 45.0)
+    scheduler.schedule(4, 1, 5, 0.0, 1000.0)
+    scheduler.suspend_campaign(7)
+    assert scheduler.pop(0) == 2
+    assert scheduler.pop(0) == -1
+    assert (scheduler.counts(0), scheduler.parked(0)) == ((0, 0), 1)
+    scheduler.schedule(2, 0, 5, 0.0, 40.0)
+    assert scheduler.next_expiry() == 40.0
+    assert scheduler.expired(39.0) == []
+    assert scheduler.expired(60.0) == [2, 3, 1]
+    assert (len(scheduler), scheduler.parked(0), scheduler.counts(1)) == (1, 0, (1, 0))
+    assert scheduler.resume_campaign(7) == []
+
+
+def test_suspended_items_come_back_in_their_original_order(impl: ModuleType) -> None:
+    scheduler = impl.Scheduler()
+    for item in range(10):
+        scheduler.schedule(item, 2, 5, 0.0, FAR, campaign=1 + item % 2, tenant=9)
+    scheduler.suspend_campaign(1)
+    scheduler.suspend_tenant(9)
+    assert scheduler.pop(2) == -1
+    assert scheduler.parked(2) == 10
+    assert scheduler.resume_campaign(1) == []
+    assert scheduler.resume_tenant(9) == [2]
+    scheduler.suspend_tenant(9)
+    scheduler.suspend_queue(2)
+    assert scheduler.pop(2) == -1
+    assert scheduler.counts(2) == (10, 0)
+    assert scheduler.resume_tenant(9) == []
+    assert scheduler.resume_queue(2) == [2]
+    assert drain(scheduler, 2) == list(range(10))
+
+
+def test_resume_wakes_queues_in_the_order_their_items_were_parked(impl: ModuleType) -> None:
+    scheduler = impl.Scheduler()
+    for item, queue in enumerate([4, 1, 3]):
+        scheduler.schedule(item, queue, 5, 0.0, FAR, campaign=1)
+    scheduler.suspend_campaign(1)
+    assert [scheduler.pop(queue) for queue in (3, 1, 4)] == [-1, -1, -1]
+    assert scheduler.resume_campaign(1) == [3, 1, 4]
+
+
+def test_advance_names_each_woken_queue_once_and_skips_suspended_ones(impl: ModuleType) -> None:
+    scheduler = impl.Scheduler()
+    for item, queue in enumerate([5, 1, 5, 3, 1]):
+        scheduler.schedule(item, queue, 5, 1.0 + item, FAR)
+    scheduler.suspend_queue(3)
+    assert scheduler.advance(10.0) == [5, 1]
+    assert scheduler.resume_queue(3) == [3]
+
+
+def test_capacity_is_back_pressure(impl: ModuleType) -> None:
+    scheduler = impl.Scheduler(capacity=3)
+    for item in range(3):
+        scheduler.schedule(item, 0, 5, 0.0, FAR)
+    with pytest.raises(impl.SchedulerFull):
+        scheduler.schedule(3, 0, 5, 0.0, FAR)
+    assert scheduler.pop(0) == 0
+    scheduler.schedule(3, 0, 5, 0.0, FAR)
+    assert len(scheduler) == 3
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(1, 0, 10, 0.0, FAR), (1, 0, -1, 0.0, FAR), (1, -1, 5, 0.0, FAR), (-1, 0, 5, 0.0, FAR), (1, 0, 5, math.nan, FAR)],
+)
+def test_bad_input_is_refused(impl: ModuleType, args: tuple) -> None:
+    scheduler = impl.Scheduler()
+    with pytest.raises(ValueError):
+        scheduler.schedule(*args)
+    scheduler.schedule(1, 0, 5, 0.0, FAR)
+    with pytest.raises(ValueError):
+        scheduler.schedule(1, 0, 5, 0.0, FAR)
+    with pytest.raises(ValueError):
+        scheduler.suspend_campaign(0)
+    assert len(scheduler) == 1
+
+
+def test_many_items_survive_growth_and_removal(impl: ModuleType) -> None:
+    scheduler = impl.Scheduler()
+    items = range(0, 60_000, 3)
+    for item in items:
+        scheduler.schedule(item << 20, item % 7, item % 10, float(item % 100), FAR)
+    for item in items[::2]:
+        assert scheduler.remove(item << 20)
+    assert not scheduler.remove(1)
+    assert len(scheduler) == len(items) // 2
+    scheduler.advance(100.0)
+    popped = [item for queue in range(7) for item in drain(scheduler, queue)]
+    assert sorted(popped) == [item << 20 for item in items[1::2]]
+    assert len(scheduler) == 0
+
+
+ITEMS = st.integers(0, 40)
+QUEUES = st.integers(0, 3)
+TIMES = st.sampled_from([0.0, 1.0, 2.0, 2.5, 5.0, 10.0, 50.0, math.inf])
+TAGS = st.integers(0, 2)
+
+
+class Agreement(RuleBasedStateMachine):
+    """Random operation sequences: the compiled scheduler decides exactly as the reference does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.compiled = importlib.import_module(IMPLEMENTATIONS["compiled"]).Scheduler(capacity=25)
+        self.python = importlib.import_module(IMPLEMENTATIONS["python"]).Scheduler(capacity=25)
+
+    def both(self, name: str, *args, **kwargs):
+        results = []
+        for scheduler in (self.compiled, self.python):
+            try:
+                results.append(getattr(scheduler, name)(*args, **kwargs))
+            except Exception as error:
+                results.append(type(error).__name__)
+        assert results[0] == results[1], (name, args, kwargs, results)
+        return results[0]
+
+    @rule(item=ITEMS, queue=QUEUES, priority=st.integers(0, 9), due=TIMES, expires=TIMES, tags=st.tuples(TAGS, TAGS))
+    def schedule(self, item, queue, priority, due, expires, tags) -> None:
+        self.both("schedule", item, queue, priority, due, expires, *tags, now=1.0)
+
+    @rule(queue=QUEUES)
+    def pop(self, queue) -> None:
+        self.both("pop", queue)
+
+    @rule()
+    def pop_everywhere(self) -> None:
+        for queue in range(4):
+            self.both("pop", queue)
+
+    @rule(now=TIMES)
+    def advance(self, now) -> None:
+        self.both("advance", now)
+
+    @rule(now=TIMES)
+    def expired(self, now) -> None:
+        self.both("expired", now)
+
+    @rule(item=ITEMS)
+    def remove(self, item) -> None:
+        self.both("remove", item)
+
+    @rule(kind=st.sampled_from(["queue", "campaign", "tenant"]), which=TAGS, suspend=st.booleans())
+    def suspension(self, kind, which, suspend) -> None:
+        self.both(f"{'suspend' if suspend else 'resume'}_{kind}", which)
+
+    @invariant()
+    def same_state(self) -> None:
+        self.both("__len__")
+        self.both("next_due")
+        self.both("next_expiry")
+        for queue in range(4):
+            self.both("counts", queue)
+            self.both("parked", queue)
+
+
+Agreement.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+test_implementations_agree = Agreement.TestCase
