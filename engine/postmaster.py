@@ -23,7 +23,7 @@ from engine.envelope import Envelope, Recipient, new_message_id
 from engine.events import EventLog
 from engine.message import split_message
 from engine.reception import Injector, Mailboxes
-from engine.reputation import ComplaintLog, ReputationGuard, complaint_log_path, parse_arf
+from engine.reputation import ComplaintLog, ReputationGuard, complaint_log_path, record_complaint
 from engine.signing import DkimSigner
 from engine.spool import Spool, SpoolError
 from engine.suppression import SuppressionList, suppression_path
@@ -50,6 +50,7 @@ class Postmaster:
         self._injector = Injector(spool, events, dispatcher)
         if self._bulk:
             dispatcher.suppression = self.suppression
+        self._mailboxes: dict = {}
         self._dead: list[str] = []
         self._bounced: dict[bytes, tuple[dict, bytes, list[dict]]] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -61,6 +62,18 @@ class Postmaster:
         return {"secret": self.secret, "suppression": self.suppression, "mailboxes": self.mailboxes()}
 
     def mailboxes(self) -> Mailboxes:
+        """The engine's own addresses; the mapping is updated in place on reload."""
+        self._mailboxes.clear()
+        self._mailboxes.update(self._own_addresses())
+        return self._mailboxes
+
+    def reload(self, config: Config, lane: Lane) -> None:
+        """SIGHUP: new thresholds, DSN switch, unsubscribe and feedback addresses."""
+        self._config, self._lane = config, lane
+        self.guard.settings = config.reputation
+        self.mailboxes()
+
+    def _own_addresses(self) -> dict:
         boxes = {
             lane.list_unsubscribe.mailto.lower(): self.unsubscribe_by_mail
             for lane in self._config.lanes.values()
@@ -167,17 +180,8 @@ class Postmaster:
 
     def feedback_report(self, message: bytes) -> None:
         """An ARF report: the complaining recipient is suppressed and the complaint counts for its campaign."""
-        report = parse_arf(message)
-        if report is None:
-            log.info("mail to the feedback address that is no ARF report ignored")
-            return
-        found = find_token(self.secret, report.original_headers)
-        if found is None:
-            log.info("ARF report (%s) about a message without an unsubscribe token ignored", report.feedback_type)
-            return
-        recipient, tenant, campaign = found
-        self.suppression.add(recipient, tenant, f"complaint ({report.feedback_type}, campaign {campaign})")
-        self.complaints.add(tenant, campaign, recipient)
+        if record_complaint(message, self.secret, self.suppression, self.complaints) is None:
+            log.info("mail to the feedback address that is no ARF report about a message of ours ignored")
 
     async def _poll_complaints(self) -> None:
         while True:

@@ -95,7 +95,7 @@ class ReceptionHandler:
             raise ValueError(f"lane {lane.name} adds List-Unsubscribe and needs the engine secret for its tokens")
         self._secret = secret
         self._suppression = suppression if lane.list_unsubscribe is not None else None
-        self._mailboxes = mailboxes or {}
+        self._mailboxes = mailboxes if mailboxes is not None else {}
 
     def check_recipient(self, session: Session, sender: str, recipient: str) -> Reply | None:
         return QUEUE_FULL if self._dispatcher.full else None

@@ -29,10 +29,19 @@ import lmdb
 import msgpack
 
 from engine.bounces import HARD_CLASSES
+from engine.compliance import find_token
 from engine.config import ReputationSettings
 from engine.dispatch import Dispatcher
+from engine.suppression import SuppressionList
 
-__all__ = ["ComplaintLog", "FeedbackReport", "ReputationGuard", "complaint_log_path", "parse_arf"]
+__all__ = [
+    "ComplaintLog",
+    "FeedbackReport",
+    "ReputationGuard",
+    "complaint_log_path",
+    "parse_arf",
+    "record_complaint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +229,24 @@ def _embedded_fields(part: Message) -> Message:
     if isinstance(payload, list) and payload:
         return payload[0]
     return BytesHeaderParser().parsebytes(part.get_payload(decode=True) or b"")
+
+
+def record_complaint(
+    message: bytes, secret: bytes, suppression: SuppressionList, complaints: ComplaintLog
+) -> tuple[str, str | None, str | None] | None:
+    """Acts on an ARF report (mailed to the feedback address or posted to the admin API): the recipient its
+    unsubscribe token names is suppressed for that tenant and the complaint is logged for every worker's
+    guard. Returns (recipient, tenant, campaign), or None for a message that is no report about our mail."""
+    report = parse_arf(message)
+    if report is None:
+        return None
+    found = find_token(secret, report.original_headers)
+    if found is None:
+        return None
+    recipient, tenant, campaign = found
+    suppression.add(recipient, tenant, f"complaint ({report.feedback_type}, campaign {campaign})")
+    complaints.add(tenant, campaign, recipient)
+    return found
 
 
 def complaint_log_path(spool_dir: Path) -> Path:

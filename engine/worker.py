@@ -57,7 +57,7 @@ class Worker:
         self.signer = DkimSigner.from_config(config.dkim)
         signer = DkimSigner.from_config(config.dkim)
         self.dispatcher = Dispatcher(config, lane, spool, events, new_deliverers(config, lane, resolver))
-        postmaster = Postmaster(config, lane, spool, events, self.dispatcher, signer)
+        self.postmaster = postmaster = Postmaster(config, lane, spool, events, self.dispatcher, signer)
         options = postmaster.reception_options()
         recovered = self._recover(spool)
         log.info("worker %s/%d recovered %d messages from its spool", lane.name, self.index, recovered)
@@ -113,6 +113,7 @@ class Worker:
             return
         self.config, self.lane = config, lane
         self.dispatcher.reload(config, lane)
+        self.postmaster.reload(config, lane)
         for handler in self.handlers:
             handler.signer = signer
         log.info("worker %s/%d reloaded routes and shaping", lane.name, self.index)

@@ -215,3 +215,25 @@ def test_postmaster_feedback_mailbox(tmp_path: Path, config) -> None:
 
 def test_settings_are_plain_data() -> None:
     assert dataclasses.asdict(SETTINGS)["max_complaint_rate"] == 0.01
+
+
+def test_postmaster_reload_updates_mailboxes_in_place(tmp_path: Path, config) -> None:
+    async def scenario() -> None:
+        lane = config.lanes["bulk"]
+        events = EventLog(tmp_path / "logs", "bulk-0")
+        spool = Spool(tmp_path / "spool" / "bulk" / "0")
+        dispatcher = Dispatcher(config, lane, spool, events, {})
+        postmaster = Postmaster(config, lane, spool, events, dispatcher, DkimSigner.from_config({}))
+        mailboxes = postmaster.reception_options()["mailboxes"]
+        assert "fbl@mta.test" in mailboxes
+        path = tmp_path / "engine.toml"
+        path.write_text(path.read_text().replace("fbl@mta.test", "abuse-reports@mta.test").replace("1%", "2%"))
+        reloaded = load_config(path)
+        postmaster.reload(reloaded, reloaded.lanes["bulk"])
+        assert "abuse-reports@mta.test" in mailboxes and "fbl@mta.test" not in mailboxes
+        assert postmaster.guard.settings.max_complaint_rate == 0.02
+        await postmaster.close()
+        await spool.close()
+        events.close()
+
+    asyncio.run(scenario())
