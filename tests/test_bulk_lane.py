@@ -43,9 +43,10 @@ class World:
     tx: int
     bulk: int
     admin: int
+    notices: int
 
 
-def config(sink: Sink, senders: Sink, tx: int, bulk: int, admin: int, key_file: Path) -> str:
+def config(sink: Sink, senders: Sink, tx: int, bulk: int, admin: int, notices: int, key_file: Path) -> str:
     return f"""
 [engine]
 hostname = "mta.test"
@@ -71,8 +72,18 @@ listen = "127.0.0.1:{bulk}"
 lane = "bulk"
 max_recipients = 500
 
+[[listeners]]
+name = "notices"
+listen = "127.0.0.1:{notices}"
+lane = "notices"
+
 [lanes.transactional]
 retry_intervals = ["1s"]
+dsn = true
+
+[lanes.notices]
+retry_intervals = ["500ms"]
+max_age = "2s"
 dsn = true
 
 [lanes.bulk]
@@ -96,14 +107,14 @@ max_bounce_rate = "5%"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     directory = tmp_path_factory.mktemp("bulk")
-    rules = f"u??0@campaign.test={REFUSED};bob@refusing.test={REFUSED}"
+    rules = f"u??0@campaign.test={REFUSED};bob@refusing.test={REFUSED};*@deferring.test=451 4.2.0 busy"
     sink = Sink(directory / "sink", reply=rules)
     senders = Sink(directory / "senders")
     key_file = directory / "example.net.pem"
     with DnsServer() as dns:
         name, value = generate_key("example.net", "s2026", "rsa-sha256", key_file)
         dns.add(name, "TXT", value)
-        ports = free_port(), free_port(), free_port()
+        ports = free_port(), free_port(), free_port(), free_port()
         engine = Engine(directory, config(sink, senders, *ports, key_file)).start(list(ports))
         try:
             yield World(engine, sink, senders, dns, *ports)
@@ -331,4 +342,42 @@ def test_refused_transactional_message_comes_back_as_a_dsn(world: World) -> None
     send(world.tx, "", ["bob@refusing.test"], message("order 43", tenant=None))
     wait_for(lambda: len([r for r in world.engine.events("Bounce") if r["recipient"] == "bob@refusing.test"]) == 2)
     time.sleep(1.0)
-    assert world.senders.count() == 1
+    assert len(dsns_to(world, "alice@senders.test")) == 1
+
+
+def dsns_to(world: World, recipient: str) -> list[bytes]:
+    return [data for envelope, data in world.senders.messages() if envelope["recipients"] == [recipient]]
+
+
+def test_expired_message_comes_back_as_a_dsn(world: World) -> None:
+    send(world.notices, "carl@senders.test", ["slow@deferring.test"], message("notice 7", tenant=None))
+    wait_for(lambda: dsns_to(world, "carl@senders.test"), 15, what="DSN after expiry")
+    (data,) = dsns_to(world, "carl@senders.test")
+    report = email.message_from_bytes(data, policy=email.policy.default)
+    _, per_recipient = list(report.iter_parts())[1].get_payload()
+    assert per_recipient["Final-Recipient"] == "rfc822; slow@deferring.test"
+    assert per_recipient["Action"] == "failed" and per_recipient["Status"] in ("4.2.0", "5.4.7")
+    (expiration,) = [r for r in world.engine.events("Expiration") if r["recipient"] == "slow@deferring.test"]
+    assert expiration["bounce_class"] == "message-expired" and expiration["lane"] == "notices"
+    retries = [r for r in world.engine.events("TransientFailure") if r["recipient"] == "slow@deferring.test"]
+    assert retries and all(r["bounce_class"] == "other" for r in retries)
+
+
+def test_recipient_suppressed_while_queued_is_not_retried(world: World) -> None:
+    send(world.bulk, "news@example.net", ["max@deferring.test"], message("queued", "spring"))
+
+    def retries() -> list[dict]:
+        return [r for r in world.engine.events("TransientFailure") if r["recipient"] == "max@deferring.test"]
+
+    wait_for(retries, 15, what="first deferral")
+    assert retries()[0]["bounce_class"] == "other"
+    suppressed = SuppressionList(suppression_path(world.engine.directory / "spool"))
+    try:
+        suppressed.add("max@deferring.test", None, "operator")
+    finally:
+        suppressed.close()
+    (record,) = wait_for(lambda: suppressed_records(world, "max@deferring.test"), 10, what="Suppressed at retry")
+    assert record["attempt"] >= 1
+    settled = len(retries())
+    time.sleep(1.5)
+    assert len(retries()) == settled
