@@ -99,7 +99,14 @@ class Postmaster:
     # outcomes
 
     def observe(self, record: dict) -> None:
-        """EventLog subscriber: called with every record this worker emits."""
+        """EventLog subscriber: called with every record this worker emits, inside the emitting code, so
+        nothing here may raise into delivery."""
+        try:
+            self._observe(record)
+        except Exception:
+            log.exception("postmaster could not act on a %s record", record.get("type"))
+
+    def _observe(self, record: dict) -> None:
         self.guard.observe(record)
         kind = record["type"]
         if kind == "Bounce" and self._bulk and record.get("bounce_class") in HARD_CLASSES:

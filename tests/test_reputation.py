@@ -232,6 +232,8 @@ def test_postmaster_reload_updates_mailboxes_in_place(tmp_path: Path, config) ->
         postmaster.reload(reloaded, reloaded.lanes["bulk"])
         assert "abuse-reports@mta.test" in mailboxes and "fbl@mta.test" not in mailboxes
         assert postmaster.guard.settings.max_complaint_rate == 0.02
+        broken = {"type": "Bounce", "lane": "bulk", "bounce_class": "bad-mailbox"}  # no recipient
+        postmaster.observe(broken)  # logged, never raised into the code that emitted it
         await postmaster.close()
         await spool.close()
         events.close()
