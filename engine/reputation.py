@@ -87,14 +87,23 @@ class ReputationGuard:
     """Watches a worker's event records (an EventLog subscriber) and suspends campaigns above the limits."""
 
     def __init__(
-        self, settings: ReputationSettings, lane: str, dispatcher: Dispatcher, emit: Callable[[dict], None]
+        self,
+        settings: ReputationSettings,
+        lane: str,
+        dispatcher: Dispatcher,
+        emit: Callable[[dict], None],
+        *,
+        suspend: Callable[..., None] | None = None,
     ) -> None:
+        """`suspend(rule_id, campaign=, tenant=, reason=)` defaults to this worker's dispatcher.suspend; a
+        control plane may pass one that makes the rule lane-wide, keeping rule_id so resuming it is seen."""
         self.settings = settings
         self._lane = lane
         self._dispatcher = dispatcher
         self._emit = emit
+        self._suspend = suspend or dispatcher.suspend
         self._windows: dict[CampaignKey, _Window] = {}
-        self._tripped: dict[CampaignKey, str] = {}
+        self._tripped: dict[CampaignKey, tuple[str, bool]] = {}  # rule id, seen active on the dispatcher
 
     def observe(self, record: dict) -> None:
         """Counts final outcomes of campaign mail; call with every record the worker emits."""
@@ -128,12 +137,15 @@ class ReputationGuard:
         return window
 
     def _check(self, key: CampaignKey) -> None:
-        rule_id = self._tripped.get(key)
-        if rule_id is not None:
+        tripped = self._tripped.get(key)
+        if tripped is not None:
+            rule_id, seen = tripped
             if any(s["id"] == rule_id for s in self._dispatcher.suspensions()):
+                self._tripped[key] = (rule_id, True)
                 return
-            del self._tripped[key]  # resumed by an operator: judge the campaign afresh
-            self._windows[key] = _Window(self.settings.window)
+            if seen:  # resumed by an operator: judge the campaign afresh
+                del self._tripped[key]
+                self._windows[key] = _Window(self.settings.window)
             return
         rates = self.rates(*key)
         if rates["messages"] < self.settings.min_messages:
@@ -150,8 +162,8 @@ class ReputationGuard:
             f"campaign {campaign!r}{f' of tenant {tenant!r}' if tenant else ''} suspended: {what} "
             f"{value:.2%} above {limit:.2%} over {rates['messages']} messages"
         )
-        self._dispatcher.suspend(rule_id, campaign=campaign, tenant=tenant, reason=reason)
-        self._tripped[key] = rule_id
+        self._suspend(rule_id, campaign=campaign, tenant=tenant, reason=reason)
+        self._tripped[key] = (rule_id, any(s["id"] == rule_id for s in self._dispatcher.suspensions()))
         log.warning("%s", reason)
         now = time.time()
         self._emit(

@@ -239,3 +239,28 @@ def test_postmaster_reload_updates_mailboxes_in_place(tmp_path: Path, config) ->
         events.close()
 
     asyncio.run(scenario())
+
+
+def test_suspension_through_a_control_plane_hook(dispatcher: Dispatcher) -> None:
+    """A hook that applies the rule later (a round trip through the supervisor) is not mistaken for a resume."""
+    alerts: list[dict] = []
+    requested: list[tuple] = []
+    guard = ReputationGuard(
+        SETTINGS,
+        "bulk",
+        dispatcher,
+        alerts.append,
+        suspend=lambda rule_id, **selectors: requested.append((rule_id, selectors)),
+    )
+    for _ in range(25):
+        guard.observe(outcome("Bounce", bounce_class="bad-mailbox"))
+    ((rule_id, selectors),) = requested
+    assert selectors == {"campaign": "spring", "tenant": "acme", "reason": alerts[0]["message"]}
+    dispatcher.suspend(rule_id, **selectors)  # the fan-out arrives
+    guard.observe(outcome("Bounce", bounce_class="bad-mailbox"))
+    dispatcher.resume(rule_id)
+    for _ in range(20):  # the first one after the resume only notices it and starts the counts afresh
+        guard.observe(outcome("Bounce", bounce_class="bad-mailbox"))
+    assert len(requested) == 1
+    guard.observe(outcome("Bounce", bounce_class="bad-mailbox"))
+    assert len(requested) == 2
