@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import random
 from types import ModuleType
 
 import pytest
@@ -220,3 +221,47 @@ Agreement.TestCase.settings = settings(
     max_examples=150, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_implementations_agree = Agreement.TestCase
+
+
+def test_implementations_agree_on_a_long_random_run() -> None:
+    """Thousands of items, deep heaps and table growth: sizes the state machine never reaches."""
+    rng = random.Random(2024)
+    compiled = importlib.import_module(IMPLEMENTATIONS["compiled"]).Scheduler(capacity=6000)
+    python = importlib.import_module(IMPLEMENTATIONS["python"]).Scheduler(capacity=6000)
+    now, peak = 0.0, 0
+    for step in range(40_000):
+        roll = rng.random()
+        if roll < 0.55:
+            args = (
+                rng.randrange(8000),
+                rng.randrange(20),
+                rng.randrange(10),
+                now + rng.choice([0.0, rng.uniform(0, 50)]),
+            )
+            call = ("schedule", (*args, now + rng.uniform(1, 4000), rng.randrange(4), rng.randrange(4)), {"now": now})
+        elif roll < 0.75:
+            call = ("pop", (rng.randrange(20),), {})
+        elif roll < 0.85:
+            call = ("remove", (rng.randrange(8000),), {})
+        elif roll < 0.9:
+            now += rng.uniform(0, 5)
+            call = (rng.choice(["advance", "expired"]), (now,), {})
+        else:
+            kind = rng.choice(["queue", "campaign", "tenant"])
+            call = (
+                f"{rng.choice(['suspend', 'resume'])}_{kind}",
+                (rng.randrange(1, 20 if kind == "queue" else 4),),
+                {},
+            )
+        name, args, kwargs = call
+        outcomes = []
+        for scheduler in (compiled, python):
+            try:
+                outcomes.append(getattr(scheduler, name)(*args, **kwargs))
+            except Exception as error:
+                outcomes.append(type(error).__name__)
+        assert outcomes[0] == outcomes[1], (step, name, args, outcomes)
+        peak = max(peak, len(compiled))
+    assert peak > 3000
+    assert len(compiled) == len(python)
+    assert [compiled.counts(q) for q in range(20)] == [python.counts(q) for q in range(20)]
