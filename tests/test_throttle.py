@@ -107,6 +107,24 @@ def test_attach_sees_what_the_creator_wrote_and_refuses_other_files(impl: Module
         impl.ThrottleTable.attach(bogus)
 
 
+def _open_in_child(table, results) -> None:
+    results.put(table.open_connection(KEY, 1, 5, 0.0, 30.0))
+
+
+def test_an_anonymous_table_is_shared_with_forked_children(impl: ModuleType) -> None:
+    table = impl.ThrottleTable.create(None, slots=8, workers=2)
+    assert table.path is None
+    results = FORK.Queue()
+    child = FORK.Process(target=_open_in_child, args=(table, results))
+    child.start()
+    child.join(10)
+    assert results.get(timeout=5) is True
+    assert table.connections(KEY, 1.0) == 1
+    assert not table.open_connection(KEY, 1, 6, 1.0, 30.0)
+    assert table.reclaim(5) == 1
+    assert table.open_connection(KEY, 1, 6, 1.0, 30.0)
+
+
 def _lock_and_die(path: str) -> None:
     table = _throttle_py.ThrottleTable.attach(path)
     table._locate(KEY, True)  # the slot's mutex is now held by this process
