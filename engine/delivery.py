@@ -12,10 +12,12 @@ never an exception.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import re
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,8 +25,11 @@ import aiosmtplib
 
 from engine.config import Config, Egress, Shaping
 from engine.resolver import DnsPermanentError, DnsTransientError, Resolver
+from engine.shaping import LEASE
 from engine.smtp.client import Reply, SMTPClientError, SMTPConnection
+from engine.throttle import ThrottleTable, throttle_key
 
+LANE_RECHECK = 0.05  # seconds between looks at the lane-wide connection count while at the limit
 COMMAND_TIMEOUT = 300.0
 """Seconds to wait for each reply once a session is up (RFC 5321 4.5.3.2 asks for 5 minutes)."""
 
@@ -131,10 +136,11 @@ class _Session:
 class _Pool:
     """The sessions to one destination domain: the idle ones, a count of all open, and who waits."""
 
-    __slots__ = ("domain", "idle", "open", "users", "waiters")
+    __slots__ = ("domain", "idle", "key", "open", "users", "waiters")
 
-    def __init__(self, domain: str) -> None:
+    def __init__(self, domain: str, key: int) -> None:
         self.domain = domain
+        self.key = key  # the (egress, domain) slot in the lane's throttle table
         self.idle: list[_Session] = []
         self.open = 0
         self.users = 0  # deliveries in progress that hold this pool
@@ -160,9 +166,18 @@ class Deliverer:
     """Delivery for one egress source of one worker: a pool of sessions per destination."""
 
     def __init__(
-        self, config: Config, resolver: Resolver, egress: Egress, *, command_timeout: float = COMMAND_TIMEOUT
+        self,
+        config: Config,
+        resolver: Resolver,
+        egress: Egress,
+        *,
+        throttle: ThrottleTable | None = None,
+        worker_id: int = 0,
+        command_timeout: float = COMMAND_TIMEOUT,
     ) -> None:
         self._config = config
+        self._throttle = throttle
+        self._worker_id = worker_id
         self._resolver = resolver
         self._egress = egress
         self._command_timeout = command_timeout
@@ -206,7 +221,7 @@ class Deliverer:
         except (DnsPermanentError, DnsTransientError) as exc:
             responses.update(dict.fromkeys(valid, Response(exc.code, exc.enhanced, exc.text)))
             return Attempt(responses, None)
-        pool = self._pools.get(domain) or self._pools.setdefault(domain, _Pool(domain))
+        pool = self._pools.get(domain) or self._pools.setdefault(domain, _Pool(domain, self._key(domain)))
         pool.users += 1
         try:
             outcome, peer = await self._send(pool, hops, shaping, sender, valid, message)
@@ -254,9 +269,25 @@ class Deliverer:
 
     # Pool: who gets a session, and what happens to it afterwards.
 
+    def _key(self, domain: str) -> int:
+        return throttle_key(self._egress.name, domain)
+
     def _may_open(self, pool: _Pool, shaping: Shaping) -> bool:
-        """Whether one more session to this destination is allowed right now."""
-        return pool.open < shaping.connection_limit
+        """Whether one more session to this destination is allowed right now, here and lane-wide; if so
+        the lane-wide slot is taken (`_release` gives it back)."""
+        if pool.open >= shaping.connection_limit:
+            return False
+        if self._throttle is None:
+            return True
+        return self._throttle.open_connection(
+            pool.key, shaping.connection_limit, self._worker_id, time.monotonic(), LEASE
+        )
+
+    def _release(self, pool: _Pool) -> None:
+        pool.open -= 1
+        if self._throttle is not None:
+            self._throttle.close_connection(pool.key, self._worker_id)
+        pool.wake()
 
     async def _checkout(self, pool: _Pool, hops: list[_Hop], shaping: Shaping, *, fresh: bool) -> _Session:
         """An idle session to one of `hops` (best hop first), else a new one once the limit allows."""
@@ -270,8 +301,7 @@ class Deliverer:
                 try:
                     return await self._open(hops, shaping)
                 except BaseException:
-                    pool.open -= 1
-                    pool.wake()
+                    self._release(pool)
                     raise
             if pool.idle:
                 # At the limit with idle sessions we cannot use (another hop, or we need a fresh
@@ -279,7 +309,9 @@ class Deliverer:
                 self._retire(pool, pool.idle.pop(0))
             waiter = asyncio.get_running_loop().create_future()
             pool.waiters.append(waiter)
-            await waiter
+            # Other workers free lane-wide slots without telling this one: look again now and then.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter, LANE_RECHECK)
 
     def _take_idle(self, pool: _Pool, hops: list[_Hop]) -> _Session | None:
         for session in [s for s in pool.idle if s.conn.closed]:
@@ -315,8 +347,7 @@ class Deliverer:
     def _drop(self, pool: _Pool, session: _Session) -> None:
         """Close a session that cannot be used any more, without a goodbye."""
         session.conn.close()
-        pool.open -= 1
-        pool.wake()
+        self._release(pool)
         self._forget_if_unused(pool)
 
     def _forget_if_unused(self, pool: _Pool) -> None:

@@ -20,10 +20,13 @@ from engine.config import Config, Egress, Lane
 from engine.delivery import Attempt, Deliverer, Response
 from engine.envelope import Envelope, Recipient, RecipientState
 from engine.events import EventLog, message_record
+from engine.resolver import Resolver
 from engine.scheduler import Scheduler
+from engine.shaping import LEASE, burst
 from engine.spool import Spool, SpoolError
 from engine.suppression import SuppressionList
 from engine.suspensions import Suspension, Suspensions
+from engine.throttle import ThrottleTable, throttle_key
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ class Dispatcher:
         log: EventLog,
         deliverers: dict[str, Deliverer],
         *,
+        throttle: ThrottleTable,
+        worker_id: int = 0,
         capacity: int = 2_000_000,
     ) -> None:
         self._config = config
@@ -70,6 +75,9 @@ class Dispatcher:
         self._spool = spool
         self._log = log
         self.deliverers = deliverers
+        self._throttle = throttle
+        self._worker_id = worker_id
+        self._throttle_keys: list[int] = []
         self._capacity = capacity
         self._scheduler = Scheduler(capacity * 2)  # headroom for messages accepted while `full` flipped
         self._items: dict[int, _Item] = {}
@@ -135,6 +143,7 @@ class Dispatcher:
         if queue is None:
             queue = self._queues[(egress, domain)] = len(self._queue_keys)
             self._queue_keys.append((egress, domain))
+            self._throttle_keys.append(throttle_key(egress, domain))
             self._runners.append(0)
         return queue
 
@@ -176,6 +185,7 @@ class Dispatcher:
         self.bounce_classifier = BounceClassifier.from_config(config)
 
     async def _run_timers(self) -> None:
+        renew_at = 0.0
         while True:
             now = time.monotonic()
             for queue in self._scheduler.advance(now):
@@ -184,6 +194,9 @@ class Dispatcher:
                 self._expire(self._items.pop(item, None))
             if self._parked:
                 self._check_parked(now)
+            if now >= renew_at:
+                self._throttle.renew(self._worker_id, now)
+                renew_at = now + LEASE / 3
             await asyncio.sleep(TICK)
 
     def _wake(self, queue: int) -> None:
@@ -200,7 +213,8 @@ class Dispatcher:
 
     async def _run_queue(self, queue: int) -> None:
         try:
-            while not self._stopping:
+            while not self._stopping and self._scheduler.counts(queue)[0]:
+                await self._pace(queue)
                 item = self._scheduler.pop(queue)
                 if item < 0:
                     return
@@ -211,6 +225,15 @@ class Dispatcher:
                 await self._deliver(target)
         finally:
             self._runners[queue] -= 1
+
+    async def _pace(self, queue: int) -> None:
+        """Waits until the lane-wide message rate towards this (egress, destination) allows one more."""
+        rate = self._config.shaping_for(self._queue_keys[queue][1]).max_message_rate
+        if rate is None:
+            return
+        key = self._throttle_keys[queue]
+        while (wait := self._throttle.acquire(key, rate, burst(rate), time.monotonic())) > 0:
+            await asyncio.sleep(wait)
 
     # delivering
 
@@ -483,5 +506,10 @@ class Dispatcher:
         return {name: deliverer.connections() for name, deliverer in self.deliverers.items()}
 
 
-def new_deliverers(config: Config, lane: Lane, resolver) -> dict[str, Deliverer]:
-    return {name: Deliverer(config, resolver, config.egress[name]) for name in lane.egress_pool}
+def new_deliverers(
+    config: Config, lane: Lane, resolver: Resolver, throttle: ThrottleTable, worker_id: int
+) -> dict[str, Deliverer]:
+    return {
+        name: Deliverer(config, resolver, config.egress[name], throttle=throttle, worker_id=worker_id)
+        for name in lane.egress_pool
+    }

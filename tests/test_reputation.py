@@ -23,6 +23,7 @@ from engine.postmaster import Postmaster
 from engine.reputation import ComplaintLog, ReputationGuard, _Window, parse_arf
 from engine.signing import DkimSigner
 from engine.spool import Spool
+from engine.throttle import ThrottleTable
 
 SETTINGS = ReputationSettings(window=3600.0, min_messages=20, max_bounce_rate=0.05, max_complaint_rate=0.01)
 
@@ -40,7 +41,9 @@ def config(tmp_path: Path):
 @pytest.fixture
 def dispatcher(tmp_path: Path, config) -> Dispatcher:
     events = EventLog(tmp_path / "logs", "test")
-    return Dispatcher(config, config.lanes["bulk"], Spool(tmp_path / "spool" / "bulk"), events, {})
+    return Dispatcher(
+        config, config.lanes["bulk"], Spool(tmp_path / "spool" / "bulk"), events, {}, throttle=ThrottleTable.create()
+    )
 
 
 def outcome(kind: str, campaign: str | None = "spring", bounce_class: str | None = None, lane: str = "bulk") -> dict:
@@ -194,7 +197,7 @@ def test_postmaster_feedback_mailbox(tmp_path: Path, config) -> None:
         lane = config.lanes["bulk"]
         events = EventLog(tmp_path / "logs", "bulk-0")
         spool = Spool(tmp_path / "spool" / "bulk" / "0")
-        dispatcher = Dispatcher(config, lane, spool, events, {})
+        dispatcher = Dispatcher(config, lane, spool, events, {}, throttle=ThrottleTable.create())
         postmaster = Postmaster(config, lane, spool, events, dispatcher, DkimSigner.from_config({}))
         mailboxes = postmaster.mailboxes()
         assert set(mailboxes) == {"fbl@mta.test", f"unsubscribe@{config.engine.hostname}"}
@@ -222,7 +225,7 @@ def test_postmaster_reload_updates_mailboxes_in_place(tmp_path: Path, config) ->
         lane = config.lanes["bulk"]
         events = EventLog(tmp_path / "logs", "bulk-0")
         spool = Spool(tmp_path / "spool" / "bulk" / "0")
-        dispatcher = Dispatcher(config, lane, spool, events, {})
+        dispatcher = Dispatcher(config, lane, spool, events, {}, throttle=ThrottleTable.create())
         postmaster = Postmaster(config, lane, spool, events, dispatcher, DkimSigner.from_config({}))
         mailboxes = postmaster.reception_options()["mailboxes"]
         assert "fbl@mta.test" in mailboxes

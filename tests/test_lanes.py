@@ -1,0 +1,167 @@
+"""Lanes are isolated: own egress addresses, own processes, and a bulk backlog never delays transactional mail."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Engine, Sink, free_port, wait_for
+
+LANES = """
+[engine]
+hostname = "mta.test"
+secret = "test-secret"
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[routes]
+"*" = "{sink}"
+
+[[listeners]]
+name = "tx"
+listen = "127.0.0.1:{tx}"
+lane = "transactional"
+
+[[listeners]]
+name = "bulk"
+listen = "127.0.0.1:{bulk}"
+lane = "bulk"
+
+[egress.tx-1]
+source_address = "127.0.0.3"
+ehlo_name = "tx1.test"
+
+[egress.bulk-1]
+source_address = "127.0.0.4"
+ehlo_name = "bulk1.test"
+
+[egress.bulk-2]
+source_address = "127.0.0.5"
+ehlo_name = "bulk2.test"
+
+[lanes.transactional]
+egress_pool = ["tx-1"]
+retry_intervals = ["1s"]
+
+[lanes.bulk]
+egress_pool = ["bulk-1", "bulk-2"]
+retry_intervals = ["1s"]
+{bulk_extra}
+
+[shaping.default]
+connection_limit = 4
+{shaping_extra}
+"""
+
+
+def lanes_engine(tmp_path: Path, sink: Sink, bulk_extra: str = "", shaping_extra: str = "") -> tuple[Engine, int, int]:
+    tx, bulk = free_port(), free_port()
+    text = LANES.format(
+        admin=free_port(), sink=sink.address, tx=tx, bulk=bulk, bulk_extra=bulk_extra, shaping_extra=shaping_extra
+    )
+    return Engine(tmp_path, text).start([tx, bulk]), tx, bulk
+
+
+def send(port: int, recipients: list[str], lane: str, number: int) -> float:
+    """One message; returns the time it was handed over (before the SMTP session began)."""
+    started = time.time()
+    body = f"Subject: {lane} {number}\r\nX-Lane: {lane}\r\nX-Number: {number}\r\n\r\nhello\r\n"
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.sendmail(f"{lane}@sender.test", recipients, body.encode())
+    return started
+
+
+@pytest.fixture
+def sink(tmp_path: Path):
+    sink = Sink(tmp_path / "sink")
+    yield sink
+    sink.stop()
+
+
+def lane_of(message: bytes) -> str:
+    return message.split(b"X-Lane: ", 1)[1].split(b"\r\n", 1)[0].decode()
+
+
+def test_each_lane_leaves_from_its_own_egress_addresses(tmp_path: Path, sink: Sink) -> None:
+    engine, tx, bulk = lanes_engine(tmp_path, sink)
+    try:
+        for n in range(6):
+            send(tx, [f"user{n}@d{n}.test"], "tx", n)
+        for n in range(20):
+            send(bulk, [f"user{n}@d{n % 10}.test"], "bulk", n)
+        wait_for(lambda: sink.count() == 26, 20, what="26 messages at the sink")
+        peers: dict[str, set] = {"tx": set(), "bulk": set()}
+        helos: dict[str, set] = {"tx": set(), "bulk": set()}
+        for envelope, message in sink.messages():
+            peers[lane_of(message)].add(envelope["peer"])
+            helos[lane_of(message)].add(envelope["helo"])
+        assert peers == {"tx": {"127.0.0.3"}, "bulk": {"127.0.0.4", "127.0.0.5"}}
+        assert helos == {"tx": {"tx1.test"}, "bulk": {"bulk1.test", "bulk2.test"}}
+        deliveries = engine.events("Delivery")
+        assert {(r["lane"], r["egress_source"]) for r in deliveries} == {
+            ("transactional", "tx-1"),
+            ("bulk", "bulk-1"),
+            ("bulk", "bulk-2"),
+        }
+    finally:
+        engine.stop()
+
+
+def worker_pids(engine: Engine, lane: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == engine.process.pid and b"worker" in command and lane.encode() in command:
+            pids.append(int(entry))
+    return pids
+
+
+def test_killing_a_bulk_worker_does_not_touch_the_transactional_lane(tmp_path: Path, sink: Sink) -> None:
+    engine, tx, bulk = lanes_engine(tmp_path, sink, shaping_extra='max_message_rate = "100/s"')
+    try:
+        stop = threading.Event()
+
+        def bulk_blast() -> None:
+            for n in range(400):
+                if stop.is_set():
+                    return
+                try:
+                    send(bulk, [f"b{n}@bulk.test"], "bulk", n)
+                except (smtplib.SMTPException, OSError):
+                    time.sleep(0.1)
+
+        blaster = threading.Thread(target=bulk_blast)
+        blaster.start()
+        wait_for(lambda: sink.count() >= 20, 20, what="bulk delivery under way")
+        (bulk_worker,) = worker_pids(engine, "bulk")
+        os.kill(bulk_worker, signal.SIGKILL)
+        latencies = []
+        for n in range(20):
+            started = send(tx, [f"t{n}@tx.test"], "tx", n)
+
+            def arrived(number: int = n) -> float | None:
+                for envelope, message in sink.messages():
+                    if lane_of(message) == "tx" and f"X-Number: {number}\r\n".encode() in message:
+                        return envelope["received"]
+                return None
+
+            latencies.append(wait_for(arrived, 10, interval=0.01, what=f"tx message {n}") - started)
+        stop.set()
+        blaster.join(30)
+        assert max(latencies) < 2.0, latencies  # the transactional SLA (sla_latency default 2s)
+        wait_for(lambda: worker_pids(engine, "bulk") and worker_pids(engine, "bulk") != [bulk_worker], 10)
+    finally:
+        engine.stop()
