@@ -132,6 +132,10 @@ class Listener:
     max_message_size: int
     max_recipients: int
     idle_timeout: float
+    command_timeout: float
+    data_timeout: float
+    max_connections: int  # per worker process
+    max_connections_per_ip: int  # per worker process; clients in relay_from are exempt
 
 
 @dataclass(frozen=True, slots=True)
@@ -851,6 +855,10 @@ class _Reader:
             "max_message_size": _positive_size,
             "max_recipients": _integer(1),
             "idle_timeout": _positive_duration,
+            "command_timeout": _positive_duration,
+            "data_timeout": _positive_duration,
+            "max_connections": _integer(1),
+            "max_connections_per_ip": _integer(1),
         }
         if raw is None:
             tables = [entry for entry in _DEFAULT_LISTENERS if entry["lane"] in lanes]
@@ -906,6 +914,10 @@ class _Reader:
                     max_message_size=values.get("max_message_size", 25 << 20),
                     max_recipients=values.get("max_recipients", 100),
                     idle_timeout=values.get("idle_timeout", 300.0),
+                    command_timeout=values.get("command_timeout", 300.0),
+                    data_timeout=values.get("data_timeout", 600.0),
+                    max_connections=values.get("max_connections", 1000),
+                    max_connections_per_ip=values.get("max_connections_per_ip", 50),
                 )
             )
         return tuple(listeners)

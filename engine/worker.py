@@ -25,7 +25,7 @@ from engine.postmaster import Postmaster
 from engine.reception import ReceptionHandler
 from engine.resolver import Resolver
 from engine.signing import DkimKeyError, DkimSigner
-from engine.smtp.server import Limits, SMTPServer
+from engine.smtp.server import SMTPServer
 from engine.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ class Worker:
                 config.engine.hostname, lane, listener.name, spool, events, self.dispatcher, signer, **options
             )
             self.handlers.append(handler)
-            limits = Limits(listener.max_message_size, listener.max_recipients, listener.idle_timeout)
-            server = SMTPServer(handler, limits, listener.relay_from)
+            server = SMTPServer.for_listener(handler, listener)
             await server.listen(sock)
             self.servers.append(server)
         loop = asyncio.get_running_loop()

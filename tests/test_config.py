@@ -719,3 +719,22 @@ min_messages = 0
         "reputation.max_complaint_rate",
         "reputation.min_messages",
     ]
+
+
+def test_listener_connection_limits_and_timeouts(tmp_path: Path) -> None:
+    base = '[lanes.bulk]\n[[listeners]]\nlisten = "127.0.0.1:2525"\nlane = "bulk"\n'
+    (default,) = load_config(write(tmp_path, base)).listeners
+    assert (default.command_timeout, default.data_timeout) == (300.0, 600.0)
+    assert (default.max_connections, default.max_connections_per_ip) == (1000, 50)
+    text = base + 'command_timeout = "1m"\ndata_timeout = "90s"\nmax_connections = 10\nmax_connections_per_ip = 2\n'
+    (listener,) = load_config(write(tmp_path, text)).listeners
+    assert (listener.command_timeout, listener.data_timeout) == (60.0, 90.0)
+    assert (listener.max_connections, listener.max_connections_per_ip) == (10, 2)
+    bad = base + 'command_timeout = "0s"\nmax_connections = 0\nmax_connections_per_ip = "many"\n'
+    prefix = f"{tmp_path / 'engine.toml'}: listeners[0]."
+    errors = [error.removeprefix(prefix) for error in errors_of(write(tmp_path, bad))]
+    assert [error.split(":", 1)[0] for error in errors] == [
+        "command_timeout",
+        "max_connections",
+        "max_connections_per_ip",
+    ]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import ssl
 import threading
+import time
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -38,10 +40,10 @@ class RecordingHandler:
 
 
 class ServerThread:
-    def __init__(self, limits: Limits, relay_from=LOCAL) -> None:
+    def __init__(self, limits: Limits, relay_from=LOCAL, *, tls=None, users=None, loop=asyncio.new_event_loop) -> None:
         self.handler = RecordingHandler()
-        self.loop = asyncio.new_event_loop()
-        self.server = SMTPServer(self.handler, limits, relay_from)
+        self.loop = loop()
+        self.server = SMTPServer(self.handler, limits, relay_from, tls=tls, users=users)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
@@ -77,6 +79,10 @@ class Client:
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def starttls(self, context: ssl.SSLContext) -> None:
+        assert not self.buffer, self.buffer
+        self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
 
     def command(self, line: bytes) -> bytes:
         self.send(line + b"\r\n")
@@ -220,9 +226,7 @@ def test_bad_content_refused(client: Client, server: ServerThread, payload: byte
     assert server.handler.messages == []
 
 
-@pytest.mark.parametrize(
-    "lookalike", [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r"]
-)
+@pytest.mark.parametrize("lookalike", [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r"])
 def test_smuggled_end_of_data_never_splits_a_message(client: Client, server: ServerThread, lookalike: bytes) -> None:
     client.command(b"EHLO c")
     client.command(b"MAIL FROM:<a@x.test>")
@@ -250,3 +254,162 @@ def test_too_many_errors_closes(client: Client) -> None:
     assert code(client.reply()) == b"500 5.5.1"
     assert code(client.reply()) == b"421 4.7.0"
     assert client.closed()
+
+
+def test_ehlo_advertises_chunking_but_not_starttls_or_auth_without_them(client: Client) -> None:
+    reply = client.command(b"EHLO c")
+    assert b"CHUNKING" in reply
+    assert b"STARTTLS" not in reply and b"AUTH" not in reply
+    assert code(client.command(b"STARTTLS")) == b"454 4.7.0"
+    assert code(client.command(b"AUTH PLAIN AGFAYg==")) == b"502 5.5.1"
+
+
+def envelope(client: Client) -> None:
+    client.command(b"EHLO c")
+    assert code(client.command(b"MAIL FROM:<a@x.test>")) == b"250 2.1.0"
+    assert code(client.command(b"RCPT TO:<b@y.test>")) == b"250 2.1.5"
+
+
+def test_bdat_chunks_make_one_message(client: Client, server: ServerThread) -> None:
+    envelope(client)
+    client.send(b"BDAT 7\r\nhello, BDAT 7 LAST\r\nworld\r\n")
+    assert client.reply() == b"250 2.0.0 7 octets received"
+    assert code(client.reply()) == b"250 2.0.0"
+    assert server.handler.messages == [("a@x.test", ["b@y.test"], b"hello, world\r\n")]
+
+
+def test_bdat_content_is_data_even_when_it_looks_like_commands(client: Client, server: ServerThread) -> None:
+    envelope(client)
+    content = b"one\r\n.\r\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@y.test>\r\nDATA\r\n.\r\nQUIT\r\n"
+    client.send(b"BDAT %d LAST\r\n" % len(content) + content)
+    assert code(client.reply()) == b"250 2.0.0"
+    assert server.handler.messages == [("a@x.test", ["b@y.test"], content)]
+    assert code(client.command(b"NOOP")) == b"250 2.0.0"
+
+
+def test_bdat_without_final_crlf_gets_one(client: Client, server: ServerThread) -> None:
+    envelope(client)
+    client.send(b"BDAT 4\r\nbodyBDAT 0 LAST\r\n")
+    assert code(client.reply()) == b"250 2.0.0"
+    assert code(client.reply()) == b"250 2.0.0"
+    assert server.handler.messages[0][2] == b"body\r\n"
+
+
+def test_refused_bdat_chunk_is_read_not_executed(client: Client, server: ServerThread) -> None:
+    client.command(b"EHLO c")
+    hidden = b"QUIT\r\nNOOP\r\n"
+    client.send(b"BDAT %d LAST\r\n" % len(hidden) + hidden)
+    assert code(client.reply()) == b"503 5.5.1"
+    assert code(client.command(b"RSET")) == b"250 2.0.0"
+    assert server.handler.messages == []
+
+
+def test_bdat_over_the_size_limit_is_refused_and_consumed(client: Client, server: ServerThread) -> None:
+    envelope(client)
+    chunk = (b"y" * 98 + b"\r\n") * 60
+    client.send(b"BDAT 6000\r\n" + chunk + b"BDAT 6000 LAST\r\n" + chunk)
+    assert code(client.reply()) == b"250 2.0.0"
+    assert code(client.reply()) == b"552 5.3.4"
+    assert code(client.command(b"NOOP")) == b"250 2.0.0"
+    assert server.handler.messages == []
+    assert server.handler.rejections[-1].code == 552
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"), [(b"bare\nLF\r\n", b"550 5.6.0"), (b"z" * 1001 + b"\r\n", b"550 5.6.0")]
+)
+def test_bdat_content_is_checked_like_data(
+    client: Client, server: ServerThread, content: bytes, expected: bytes
+) -> None:
+    envelope(client)
+    client.send(b"BDAT %d LAST\r\n" % len(content) + content)
+    assert code(client.reply()) == expected
+    assert server.handler.messages == []
+
+
+def test_data_after_bdat_is_a_sequence_error(client: Client) -> None:
+    envelope(client)
+    client.send(b"BDAT 3\r\nabc")
+    assert code(client.reply()) == b"250 2.0.0"
+    assert code(client.command(b"DATA")) == b"503 5.5.1"
+
+
+@pytest.mark.parametrize("argument", [b"", b"x", b"-1", b"5 FIRST", b"99999999999999999999999"])
+def test_bdat_with_an_unreadable_size_ends_the_session(client: Client, argument: bytes) -> None:
+    envelope(client)
+    client.send(b"BDAT " + argument + b"\r\nQUIT\r\n")
+    assert code(client.reply()) == b"501 5.5.4"
+    assert code(client.reply()) == b"421 4.5.0"
+    assert client.closed()
+
+
+def test_smtputf8_envelope(client: Client, server: ServerThread) -> None:
+    client.command(b"EHLO c")
+    assert code(client.command(b"MAIL FROM:<\xc3\xa9@x.test>")) == b"553 5.6.7"
+    assert code(client.command(b"MAIL FROM:<\xc3\xa9@x.test> SMTPUTF8")) == b"250 2.1.0"
+    assert code(client.command(b"RCPT TO:<\xc3\xbc@y.test>")) == b"250 2.1.5"
+    client.command(b"DATA")
+    client.send(b"Subject: \xc3\xa9\r\n\r\nhi\r\n.\r\n")
+    assert code(client.reply()) == b"250 2.0.0"
+    assert server.handler.messages == [("\u00e9@x.test", ["\u00fc@y.test"], b"Subject: \xc3\xa9\r\n\r\nhi\r\n")]
+    client.command(b"HELO c")
+    assert code(client.command(b"MAIL FROM:<a@x.test> SMTPUTF8")) == b"555 5.5.4"
+
+
+@pytest.mark.parametrize("address", [b"a\nb@y.test", b"a\rb@y.test", b"a\x00b@y.test", b"a" * 65 + b"@y.test"])
+def test_control_characters_and_long_parts_in_recipients(client: Client, address: bytes) -> None:
+    client.command(b"EHLO c")
+    client.command(b"MAIL FROM:<a@x.test>")
+    assert client.command(b"RCPT TO:<" + address + b">")[:1] == b"5"
+    assert code(client.command(b"RCPT TO:<ok@y.test>")) == b"250 2.1.5"
+
+
+@pytest.fixture
+def fast_timeouts() -> Iterator[ServerThread]:
+    server = ServerThread(Limits(idle_timeout=10.0, command_timeout=0.6, data_timeout=0.6))
+    yield server
+    server.stop()
+
+
+def trickle(client: Client, data: bytes, interval: float = 0.1) -> bytes:
+    """Sends one octet per interval until the server answers (at most len(data) octets)."""
+    client.sock.settimeout(interval)
+    for octet in data:
+        client.send(bytes([octet]))
+        try:
+            chunk = client.sock.recv(4096)
+        except TimeoutError:
+            continue
+        client.sock.settimeout(5)
+        client.buffer += chunk
+        return client.reply()
+    raise AssertionError("the server never answered")
+
+
+def test_command_timeout_is_not_extended_by_trickling(fast_timeouts: ServerThread) -> None:
+    client = Client(fast_timeouts.port)
+    client.reply()
+    started = time.monotonic()
+    assert code(trickle(client, b"NOOP" * 10)) == b"421 4.4.2"
+    assert time.monotonic() - started < 2.0
+    assert client.closed()
+
+
+def test_each_command_gets_its_own_time(fast_timeouts: ServerThread) -> None:
+    client = Client(fast_timeouts.port)
+    client.reply()
+    for _ in range(4):
+        time.sleep(0.3)
+        assert code(client.command(b"NOOP")) == b"250 2.0.0"
+
+
+@pytest.mark.parametrize("start", [b"DATA\r\n", b"BDAT 100 LAST\r\n"])
+def test_data_timeout(fast_timeouts: ServerThread, start: bytes) -> None:
+    client = Client(fast_timeouts.port)
+    client.reply()
+    envelope(client)
+    client.send(start)
+    if start.startswith(b"DATA"):
+        client.reply()
+    reply = trickle(client, b"x" * 40)
+    assert reply.startswith(b"421 4.4.2 Timeout receiving message data")

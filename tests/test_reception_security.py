@@ -1,0 +1,371 @@
+"""Reception under hostile clients: STARTTLS (and what is pipelined behind it), AUTH, relay, connection limits.
+
+Every server here runs on stock asyncio and on uvloop (the loop lane workers use): start_tls differs between
+the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import os
+import resource
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from engine.smtp.auth import FailureDelays, UsersFile, add_user, decode_plain, hash_password, verify_password
+from engine.smtp.server import Limits
+from engine.smtp.tls import server_context
+from tests.certs import self_signed
+from tests.harness import Engine, Sink, free_port, wait_for
+from tests.test_smtp_server import Client, ServerThread, code
+
+OUTSIDE = (ipaddress.ip_network("10.0.0.0/8"),)  # loopback clients are strangers: they must authenticate
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+def b64(text: str) -> bytes:
+    return base64.b64encode(text.encode())
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return self_signed(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def client_tls(certificate: tuple[Path, Path]) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=certificate[0])
+
+
+@pytest.fixture
+def users_file(tmp_path: Path) -> Path:
+    path = tmp_path / "users.txt"
+    path.write_text(f"# accounts\nalice:{hash_password('secret', log_n=8)}\n")
+    return path
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def server(request: pytest.FixtureRequest, certificate: tuple[Path, Path], users_file: Path) -> Iterator[ServerThread]:
+    server = ServerThread(
+        Limits(auth_failure_delay=0.05),
+        OUTSIDE,
+        tls=server_context(*certificate),
+        users=UsersFile(users_file),
+        loop=LOOPS[request.param],
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[Client]:
+    client = Client(server.port)
+    assert code(client.reply()) == b"220 test.local"
+    yield client
+    client.sock.close()
+
+
+def secure(client: Client, context: ssl.SSLContext) -> None:
+    client.command(b"EHLO c")
+    assert code(client.command(b"STARTTLS")) == b"220 2.0.0"
+    client.starttls(context)
+
+
+def test_starttls_auth_then_relay(client: Client, server: ServerThread, client_tls: ssl.SSLContext) -> None:
+    clear = client.command(b"EHLO c")
+    assert b"STARTTLS" in clear and b"AUTH" not in clear
+    assert code(client.command(b"MAIL FROM:<a@x.test>")) == b"530 5.7.0"
+    assert code(client.command(b"AUTH PLAIN " + b64("\0alice\0secret"))) == b"538 5.7.11"
+    assert code(client.command(b"STARTTLS")) == b"220 2.0.0"
+    client.starttls(client_tls)
+    assert code(client.command(b"MAIL FROM:<a@x.test>")) == b"503 5.5.1"  # EHLO state was reset
+    secured = client.command(b"EHLO c")
+    assert b"AUTH PLAIN LOGIN" in secured and b"STARTTLS" not in secured
+    assert code(client.command(b"STARTTLS")) == b"503 5.5.1"
+    assert code(client.command(b"MAIL FROM:<a@x.test>")) == b"530 5.7.0"
+    assert code(client.command(b"AUTH PLAIN " + b64("\0alice\0secret"))) == b"235 2.7.0"
+    assert code(client.command(b"AUTH PLAIN " + b64("\0alice\0secret"))) == b"503 5.5.1"
+    assert code(client.command(b"MAIL FROM:<a@x.test> AUTH=<>")) == b"250 2.1.0"
+    assert code(client.command(b"RCPT TO:<b@relayed.test>")) == b"250 2.1.5"
+    client.command(b"DATA")
+    client.send(b"Subject: over TLS\r\n\r\nhi\r\n.\r\n")
+    assert code(client.reply()) == b"250 2.0.0"
+    assert server.handler.messages == [("a@x.test", ["b@relayed.test"], b"Subject: over TLS\r\n\r\nhi\r\n")]
+
+
+def test_commands_pipelined_behind_starttls_are_discarded(
+    client: Client, server: ServerThread, client_tls: ssl.SSLContext
+) -> None:
+    client.command(b"EHLO c")
+    injected = b"EHLO evil\r\nAUTH PLAIN " + b64("\0alice\0secret") + b"\r\nMAIL FROM:<evil@x.test>\r\n"
+    client.send(b"STARTTLS\r\n" + injected)
+    assert code(client.reply()) == b"220 2.0.0"
+    client.starttls(client_tls)  # asserts that nothing followed the 220 in clear text
+    assert code(client.command(b"RCPT TO:<victim@y.test>")) == b"503 5.5.1"  # no MAIL was executed
+    assert b"AUTH PLAIN LOGIN" in client.command(b"EHLO c")
+    assert code(client.command(b"MAIL FROM:<a@x.test>")) == b"530 5.7.0"  # nor AUTH
+    assert server.handler.rejections[-1].code == 530
+
+
+def test_clear_text_sent_after_the_starttls_reply_is_never_answered(client: Client) -> None:
+    client.command(b"EHLO c")
+    assert code(client.command(b"STARTTLS")) == b"220 2.0.0"
+    client.send(b"NOOP\r\nMAIL FROM:<evil@x.test>\r\n")
+    received = b""
+    client.sock.settimeout(5)
+    for _ in range(20):
+        try:
+            chunk = client.sock.recv(4096)
+        except (ConnectionError, TimeoutError):
+            break
+        if not chunk:
+            break
+        received += chunk
+    assert b"250" not in received  # the bytes went to the TLS handshake, which failed
+
+
+def test_auth_login_failures_are_delayed_more_each_time(
+    client: Client, server: ServerThread, client_tls: ssl.SSLContext
+) -> None:
+    secure(client, client_tls)
+    client.command(b"EHLO c")
+    delays = []
+    for _ in range(4):
+        assert client.command(b"AUTH LOGIN") == b"334 VXNlcm5hbWU6"
+        assert client.command(b64("alice")) == b"334 UGFzc3dvcmQ6"
+        started = time.monotonic()
+        assert code(client.command(b64("wrong"))) == b"535 5.7.8"
+        delays.append(time.monotonic() - started)
+    assert delays[0] >= 0.05 and delays[3] >= 0.4 and delays[3] > 3 * delays[0]
+    assert client.command(b"AUTH LOGIN " + b64("alice")) == b"334 UGFzc3dvcmQ6"
+    assert code(client.command(b64("secret"))) == b"235 2.7.0"
+    assert server.server.failures.failed("127.0.0.1") == pytest.approx(0.05)  # success forgave the address
+
+
+@pytest.mark.parametrize(
+    ("exchange", "expected"),
+    [
+        ([b"AUTH CRAM-MD5"], b"504 5.5.4"),
+        ([b"AUTH"], b"501 5.5.4"),
+        ([b"AUTH PLAIN", b"*"], b"501 5.7.0"),
+        ([b"AUTH LOGIN", b"*"], b"501 5.7.0"),
+        ([b"AUTH PLAIN not/base64!"], b"501 5.5.2"),
+        ([b"AUTH PLAIN " + b64("alice-no-nuls")], b"501 5.5.2"),
+        ([b"AUTH LOGIN", b64("alice"), b"%%%"], b"501 5.5.2"),
+        ([b"AUTH PLAIN", b64("\0alice\0wrong")], b"535 5.7.8"),
+        ([b"AUTH PLAIN " + b64("\0nobody\0secret")], b"535 5.7.8"),
+        ([b"AUTH PLAIN " + b64("bob\0alice\0secret")], b"535 5.7.8"),  # acting as another user
+    ],
+)
+def test_auth_refusals(client: Client, client_tls: ssl.SSLContext, exchange: list[bytes], expected: bytes) -> None:
+    secure(client, client_tls)
+    client.command(b"EHLO c")
+    for line in exchange[:-1]:
+        assert client.command(line).startswith(b"334 ")
+    assert code(client.command(exchange[-1])) == expected
+    assert code(client.command(b"AUTH PLAIN " + b64("\0alice\0secret"))) == b"235 2.7.0"
+
+
+def test_auth_needs_ehlo_and_no_open_transaction(client: Client, client_tls: ssl.SSLContext) -> None:
+    client.command(b"EHLO c")
+    client.command(b"STARTTLS")
+    client.starttls(client_tls)
+    assert code(client.command(b"AUTH PLAIN " + b64("\0alice\0secret"))) == b"503 5.5.1"
+    client.command(b"HELO c")
+    assert code(client.command(b"AUTH PLAIN " + b64("\0alice\0secret"))) == b"503 5.5.1"
+
+
+def test_users_file_changes_apply_without_restart(
+    client: Client, users_file: Path, client_tls: ssl.SSLContext, server: ServerThread
+) -> None:
+    add_user(users_file, "bob", "hunter2")
+    assert users_file.stat().st_mode & 0o777 == 0o600
+    secure(client, client_tls)
+    client.command(b"EHLO c")
+    assert code(client.command(b"AUTH PLAIN " + b64("\0bob\0hunter2"))) == b"235 2.7.0"
+    users_file.write_text("alice:$scrypt$ln=8,r=8,p=1$broken\n")
+    other = Client(server.port)
+    other.reply()
+    secure(other, client_tls)
+    other.command(b"EHLO c")
+    assert code(other.command(b"AUTH PLAIN " + b64("\0alice\0secret"))) == b"454 4.7.0"
+
+
+def test_passwords_are_salted_scrypt() -> None:
+    one, two = hash_password("pw", log_n=8), hash_password("pw", log_n=8)
+    assert one.startswith("$scrypt$ln=8,r=8,p=1$") and one != two
+    assert verify_password("pw", one) and verify_password("pw", two) and not verify_password("pW", one)
+    for broken in ("plain", "$scrypt$ln=8,r=8$AAAA$AAAA", "$scrypt$ln=99,r=8,p=1$AAAA$AAAA", "$scrypt$ln=8,r=8,p=1$$"):
+        with pytest.raises(ValueError):
+            verify_password("pw", broken)
+    assert decode_plain(b64("\0u\0p:w")) == ("", "u", "p:w")
+
+
+def test_add_user_replaces_and_refuses_bad_names(tmp_path: Path) -> None:
+    path = tmp_path / "users.txt"
+    add_user(path, "carol", "one")
+    add_user(path, "dave", "two")
+    add_user(path, "carol", "three")
+    lines = path.read_text().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["dave", "carol"]
+    assert UsersFile(path).verify("carol", "three") and not UsersFile(path).verify("carol", "one")
+    for name in ("", "a:b", "a b", "a\x00"):
+        with pytest.raises(ValueError):
+            add_user(path, name, "pw")
+
+
+def test_users_add_command_reads_the_password_from_stdin(tmp_path: Path) -> None:
+    script = "import sys; from pathlib import Path; from argparse import Namespace as N; "
+    script += "from engine.smtp.auth import users_add_command as c; "
+    script += "sys.exit(c(N(file=Path(sys.argv[1]), user=sys.argv[2])))"
+    path = tmp_path / "users.txt"
+    done = subprocess.run(["python", "-c", script, str(path), "erin"], input="pa55\n", text=True, timeout=30)
+    assert done.returncode == 0
+    assert UsersFile(path).verify("erin", "pa55")
+
+
+def test_failure_delays_double_cap_and_are_forgotten() -> None:
+    delays = FailureDelays(base=1.0, cap=5.0, forget_after=0.2, max_clients=2)
+    assert [delays.failed("a") for _ in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert delays.failed("b") == 1.0
+    delays.failed("c")  # pushes out "a", the least recent
+    assert delays.failed("a") == 1.0
+    time.sleep(0.25)
+    assert delays.failed("b") == 1.0
+
+
+# connection limits
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_connections_per_address_are_limited_for_strangers_only(loop: str) -> None:
+    server = ServerThread(Limits(max_connections_per_ip=2), OUTSIDE, loop=LOOPS[loop])
+    try:
+        first, second = Client(server.port), Client(server.port)
+        assert code(first.reply()) == code(second.reply()) == b"220 test.local"
+        third = Client(server.port)
+        assert third.reply() == b"421 4.7.0 Too many connections from your address, try again later"
+        assert third.closed()
+        first.command(b"QUIT")
+        wait_for(lambda: server.server.session_count == 1, 5)
+        assert code(Client(server.port).reply()) == b"220 test.local"
+    finally:
+        server.stop()
+    trusted = ServerThread(Limits(max_connections_per_ip=1, max_connections=3), loop=LOOPS[loop])
+    try:
+        clients = [Client(trusted.port) for _ in range(3)]
+        assert all(code(c.reply()) == b"220 test.local" for c in clients)
+        assert Client(trusted.port).reply() == b"421 4.7.0 Too many connections, try again later"
+    finally:
+        trusted.stop()
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()]
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def send_one(port: int, subject: str) -> Client:
+    """One message over a new session, which stays open."""
+    client = Client(port)
+    assert code(client.reply()) == b"220 mta.test"
+    client.command(b"EHLO normal")
+    client.command(b"MAIL FROM:<a@x.test>")
+    client.command(b"RCPT TO:<b@dest.test>")
+    client.command(b"DATA")
+    client.send(f"Subject: {subject}\r\n\r\nhi\r\n.\r\n".encode())
+    assert code(client.reply()) == b"250 2.0.0"
+    return client
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    received = b""
+    for _ in range(100):
+        chunk = sock.recv(4096)
+        if not chunk:
+            return received
+        received += chunk
+    raise AssertionError(f"still open after {received!r}")
+
+
+def test_500_idle_and_slow_connections_stay_bounded_and_a_normal_client_is_served(tmp_path: Path) -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert soft >= 1200, f"this test opens 500+ sockets; RLIMIT_NOFILE is {soft}"
+    sink = Sink(tmp_path / "sink")
+    port, admin = free_port(), free_port()
+    config = f"""
+[engine]
+hostname = "mta.test"
+spool_dir = "spool"
+log_dir = "logs"
+[admin]
+listen = "127.0.0.1:{admin}"
+[routes]
+"*" = "{sink.address}"
+[lanes.transactional]
+workers = 1
+[[listeners]]
+name = "tx"
+listen = "127.0.0.1:{port}"
+lane = "transactional"
+max_connections = 501
+command_timeout = "4s"
+idle_timeout = "60s"
+"""
+    engine = Engine(tmp_path, config).start([port])
+    hogs: list[socket.socket] = []
+    try:
+        wait_for(lambda: children(engine.process.pid), 10, what="a worker")
+        (worker,) = children(engine.process.pid)
+        warm_up = send_one(port, "warm-up")  # now the worker has opened its spool, log and delivery connection
+        assert code(warm_up.command(b"QUIT")) == b"221 2.0.0" and warm_up.closed()
+        wait_for(lambda: sink.count() == 1, 10, what="warm-up delivery")
+        fds_before, rss_before = open_fds(worker), rss_kb(worker)
+        for n in range(500):
+            hog = socket.create_connection(("127.0.0.1", port), timeout=5)
+            if n % 2:
+                hog.sendall(b"EHLO slow")  # half a command line, then a trickle
+            hogs.append(hog)
+        wait_for(lambda: open_fds(worker) >= fds_before + 500, 10, what="500 connections accepted")
+        for _ in range(5):
+            for hog in hogs[1::2]:
+                hog.sendall(b".")
+            time.sleep(0.1)
+        client = send_one(port, "still served")
+        more = Client(port)
+        assert code(more.reply()) == b"421 4.7.0"  # the 502nd session is over max_connections
+        fds_busy, rss_busy = open_fds(worker), rss_kb(worker)
+        assert fds_busy <= fds_before + 510
+        assert rss_busy - rss_before < 64 * 1024, f"RSS grew by {rss_busy - rss_before} KB for 500 sessions"
+        # the trickling half gets no more time than the idle half: all are cut at command_timeout
+        wait_for(lambda: open_fds(worker) <= fds_before + 5, 15, what="hogs closed by command_timeout")
+        for hog in hogs[:4]:
+            assert b"\r\n421 4.4.2 Timeout waiting for a command" in read_until_closed(hog)
+        wait_for(lambda: sink.count() == 2, 10, what="delivery")
+        client.sock.close()
+    finally:
+        for hog in hogs:
+            hog.close()
+        engine.stop()
+        sink.stop()
+    print(f"worker fds {fds_before} -> {fds_busy}, RSS {rss_before} -> {rss_busy} KB with 500 idle/slow sessions")
