@@ -71,6 +71,13 @@ class Sink:
                 found.append((json.loads(path.read_text()), eml.read_bytes()))
         return found
 
+    def arrivals(self, seen: dict[str, tuple[dict, bytes]]) -> dict[str, tuple[dict, bytes]]:
+        """Like messages(), but reads only files not in `seen` (which it updates): cheap to poll."""
+        for path in self.directory.glob("*.json"):
+            if path.name not in seen and path.with_suffix(".eml").exists():
+                seen[path.name] = (json.loads(path.read_text()), path.with_suffix(".eml").read_bytes())
+        return seen
+
     def count(self) -> int:
         return len(list(self.directory.glob("*.json")))
 
