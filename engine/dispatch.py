@@ -87,6 +87,7 @@ class Dispatcher:
         self._runners: list[int] = []
         self._in_flight: dict[bytes, _InFlight] = {}
         self._tags: dict[str, int] = {}
+        self._shared_strings: dict[str, str] = {}  # one copy of each domain, campaign and tenant name
         self._egress_cycle = self._weighted_cycle(config.egress[name] for name in lane.egress_pool)
         self._egress_by_domain: dict[str, itertools.cycle] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -117,8 +118,16 @@ class Dispatcher:
         queue = self._queue(egress, domain)
         item = next(self._item_ids)
         now = time.monotonic()
+        shared = self._shared_strings
         self._items[item] = _Item(
-            key, domain, egress, envelope.priority, envelope.campaign, envelope.tenant, envelope.created, expires
+            key,
+            shared.setdefault(domain, domain),
+            egress,
+            envelope.priority,
+            envelope.campaign and shared.setdefault(envelope.campaign, envelope.campaign),
+            envelope.tenant and shared.setdefault(envelope.tenant, envelope.tenant),
+            envelope.created,
+            expires,
         )
         ready = due <= now
         self._scheduler.schedule(
