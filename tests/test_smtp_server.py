@@ -11,7 +11,10 @@ import time
 from collections.abc import Iterator, Sequence
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+import engine.smtp.server as server_module
 from engine.smtp.server import Limits, Reply, Session, SMTPServer
 
 LOCAL = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -226,17 +229,97 @@ def test_bad_content_refused(client: Client, server: ServerThread, payload: byte
     assert server.handler.messages == []
 
 
-@pytest.mark.parametrize("lookalike", [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r"])
-def test_smuggled_end_of_data_never_splits_a_message(client: Client, server: ServerThread, lookalike: bytes) -> None:
+@pytest.fixture(params=["compiled", "python"])
+def codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs the server with the compiled codec and with its pure-Python twin."""
+    if request.param == "compiled":
+        module = pytest.importorskip("engine._smtpproto", reason="build with `python setup.py build_ext --inplace`")
+    else:
+        import engine._smtpproto_py as module
+    monkeypatch.setattr(server_module, "smtpproto", module)
+    return request.param
+
+
+LOOKALIKES = [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r"]
+SMUGGLED = b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@y.test>\r\nDATA\r\nsmuggled\r\n"
+
+
+@pytest.mark.parametrize("after", [SMUGGLED, b"", b"QUIT\r\n"], ids=["commands", "nothing", "quit"])
+@pytest.mark.parametrize("lookalike", LOOKALIKES)
+def test_smuggled_end_of_data_never_splits_a_message(
+    codec: str, client: Client, server: ServerThread, lookalike: bytes, after: bytes
+) -> None:
     client.command(b"EHLO c")
     client.command(b"MAIL FROM:<a@x.test>")
     client.command(b"RCPT TO:<b@y.test>")
     client.command(b"DATA")
-    smuggled = b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@y.test>\r\nDATA\r\nsmuggled\r\n"
-    client.send(b"hello" + lookalike + smuggled + b".\r\n")
+    client.send(b"hello" + lookalike + after + b"\r\n.\r\n")
     assert code(client.reply()) == b"550 5.6.0"  # bare CR/LF: the whole thing is one refused message
     assert server.handler.messages == []
     assert code(client.command(b"NOOP")) == b"250 2.0.0"
+
+
+@pytest.mark.parametrize("lookalike", LOOKALIKES)
+def test_lookalikes_inside_bdat_are_plain_content(
+    codec: str, client: Client, server: ServerThread, lookalike: bytes
+) -> None:
+    client.command(b"EHLO c")
+    client.command(b"MAIL FROM:<a@x.test>")
+    client.command(b"RCPT TO:<b@y.test>")
+    content = b"hello" + lookalike + SMUGGLED
+    client.send(b"BDAT %d LAST\r\n" % len(content) + content)
+    assert code(client.reply()) == b"550 5.6.0"
+    assert server.handler.messages == []
+    assert code(client.command(b"NOOP")) == b"250 2.0.0"
+
+
+def reference_message(body: bytes) -> bytes | None:
+    """What DATA followed by `body` CRLF.CRLF must deliver, by RFC 5321 alone; None if it must be refused."""
+    data = body + b"\r\n.\r\n"
+    content = data[: (b"\r\n" + data).find(b"\r\n.\r\n")]
+    crlf = content.count(b"\r\n")
+    if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
+        return None
+    return b"\r\n".join(line[1:] if line.startswith(b".") else line for line in content.split(b"\r\n"))
+
+
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[ServerThread]:
+    server = ServerThread(Limits(max_message_size=10_000, idle_timeout=5.0))
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("implementation", ["compiled", "python"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    body=st.binary(max_size=40).map(lambda raw: bytes(b"a.\r\n"[byte % 4] for byte in raw)), split=st.integers(0, 60)
+)
+def test_data_through_the_server_matches_rfc_5321(
+    shared_server: ServerThread, monkeypatch: pytest.MonkeyPatch, implementation: str, body: bytes, split: int
+) -> None:
+    """Random dots, CRs and LFs, in two reads split anywhere: at most one message, exactly the reference one."""
+    import engine._smtpproto_py as pure
+
+    module = pure if implementation == "python" else pytest.importorskip("engine._smtpproto")
+    monkeypatch.setattr(server_module, "smtpproto", module)
+    shared_server.handler.messages.clear()
+    client = Client(shared_server.port)
+    try:
+        client.reply()
+        client.send(b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
+        for _ in range(4):
+            client.reply()
+        stream = body + b"\r\n.\r\n\r\nQUIT\r\n"
+        client.send(stream[:split])
+        client.send(stream[split:])
+        client.sock.settimeout(5)
+        while client.sock.recv(65536):
+            pass
+    finally:
+        client.sock.close()
+    expected = reference_message(body)
+    assert shared_server.handler.messages == ([] if expected is None else [("a@x.test", ["b@y.test"], expected)])
 
 
 def test_idle_timeout_closes_with_421(server: ServerThread) -> None:
