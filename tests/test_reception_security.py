@@ -175,6 +175,20 @@ def test_auth_refusals(client: Client, client_tls: ssl.SSLContext, exchange: lis
     assert code(client.command(b"AUTH PLAIN " + b64("\0alice\0secret"))) == b"235 2.7.0"
 
 
+def test_auth_lines_may_be_longer_than_commands(
+    client: Client, users_file: Path, client_tls: ssl.SSLContext, server: ServerThread
+) -> None:
+    password = "p" * 2000
+    users_file.write_text(f"long:{hash_password(password, log_n=8)}\n")
+    secure(client, client_tls)
+    client.command(b"EHLO c")
+    line = b"AUTH PLAIN " + b64("\0long\0" + password)
+    client.send(line[:600])
+    time.sleep(0.05)  # the server holds a partial AUTH line longer than a command line
+    assert code(client.command(line[600:])) == b"235 2.7.0"
+    assert code(client.command(b"NOOP " + b"x" * 600)) == b"500 5.5.6"
+
+
 def test_auth_needs_ehlo_and_no_open_transaction(client: Client, client_tls: ssl.SSLContext) -> None:
     client.command(b"EHLO c")
     client.command(b"STARTTLS")

@@ -293,17 +293,19 @@ class SMTPServerProtocol(asyncio.Protocol):
                 if self._mode == _CHUNK:
                     break
                 continue
-            limit = MAX_AUTH_LINE if self._mode == _AUTH else MAX_COMMAND_LINE
             end = buffer.find(b"\r\n", position)
             if end < 0:
-                if len(buffer) - position > limit:
+                if len(buffer) - position > self._line_limit(position):
                     self._discarded += len(buffer) - position
                     position = len(buffer)
                 break
             line = bytes(buffer[position:end])
+            too_long = self._discarded or (
+                len(line) + 2 > MAX_COMMAND_LINE and len(line) + 2 > self._line_limit(position)
+            )
             position = end + 2
             self._arm(self._limits.command_timeout)
-            if self._discarded or len(line) + 2 > limit:
+            if too_long:
                 self._discarded = 0
                 self._mode = _COMMAND
                 self._error(LINE_TOO_LONG)
@@ -318,6 +320,12 @@ class SMTPServerProtocol(asyncio.Protocol):
         self._flush()
         if self._mode == _HANDSHAKE and self._task is None:
             self._start_tls()
+
+    def _line_limit(self, position: int) -> int:
+        """AUTH and the lines of its exchange may be longer than other commands (RFC 4954 4)."""
+        if self._mode == _AUTH or self._buffer[position : position + 5].upper() == b"AUTH ":
+            return MAX_AUTH_LINE
+        return MAX_COMMAND_LINE
 
     def _command(self, line: bytes) -> None:
         verb, argument = smtpproto.split_command(line)
