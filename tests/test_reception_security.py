@@ -21,6 +21,9 @@ from pathlib import Path
 import pytest
 import uvloop
 
+from engine.config import Egress, load_config
+from engine.delivery import Deliverer
+from engine.resolver import Resolver
 from engine.smtp.auth import FailureDelays, UsersFile, add_user, decode_plain, hash_password, verify_password
 from engine.smtp.server import Limits
 from engine.smtp.tls import server_context
@@ -29,6 +32,7 @@ from tests.harness import Engine, Sink, free_port, wait_for
 from tests.test_smtp_server import Client, ServerThread, code
 
 OUTSIDE = (ipaddress.ip_network("10.0.0.0/8"),)  # loopback clients are strangers: they must authenticate
+EGRESS = Egress("default", None, "engine.test", 1)
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
@@ -383,3 +387,74 @@ idle_timeout = "60s"
         engine.stop()
         sink.stop()
     print(f"worker fds {fds_before} -> {fds_busy}, RSS {rss_before} -> {rss_busy} KB with 500 idle/slow sessions")
+
+
+# the other direction: the delivery client facing a man in the middle
+
+
+INJECTED = b"250-mx.test\r\n250 AUTH PLAIN\r\n" + b"250 2.0.0 injected\r\n" * 4
+
+
+class InjectingMx:
+    """A destination (or a man in the middle) that writes replies right behind its 220 to STARTTLS."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.commands: list[tuple[bool, bytes]] = []
+        self.messages: list[tuple[bool, bytes]] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tls = False
+        writer.write(b"220 mx.test ESMTP\r\n")
+        while line := await reader.readline():
+            command = line.strip().upper()
+            self.commands.append((tls, command[:4]))
+            if command.startswith(b"EHLO"):
+                offer = b"" if tls else b"250-STARTTLS\r\n"
+                writer.write(b"250-mx.test\r\n250-PIPELINING\r\n" + offer + b"250 8BITMIME\r\n")
+            elif command == b"STARTTLS":
+                writer.write(b"220 2.0.0 Go ahead\r\n" + INJECTED)
+                await writer.drain()
+                await writer.start_tls(self.context)
+                tls = True
+                continue
+            elif command == b"DATA":
+                writer.write(b"354 Go ahead\r\n")
+                await writer.drain()
+                self.messages.append((tls, await reader.readuntil(b"\r\n.\r\n")))
+                writer.write(b"250 2.0.0 Queued\r\n")
+            elif command == b"QUIT":
+                writer.write(b"221 2.0.0 Bye\r\n")
+                await writer.drain()
+                break
+            else:
+                writer.write(b"250 2.0.0 Ok\r\n")
+            await writer.drain()
+        writer.close()
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_delivery_ignores_replies_injected_behind_the_starttls_reply(
+    loop: str, tmp_path: Path, certificate: tuple[Path, Path]
+) -> None:
+    async def scenario() -> tuple[int, InjectingMx]:
+        mx = InjectingMx(server_context(*certificate))
+        port = await mx.start()
+        path = tmp_path / "engine.toml"
+        path.write_text(f'[routes]\n"dest.test" = "127.0.0.1:{port}"\n')
+        deliverer = Deliverer(load_config(path), Resolver([("127.0.0.1", free_port())], 1.0), EGRESS)
+        attempt = await deliverer.deliver("dest.test", "a@x.test", ["b@dest.test"], b"Subject: s\r\n\r\nbody\r\n")
+        await deliverer.close()
+        mx.server.close()
+        return attempt.responses["b@dest.test"].code, mx
+
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        code_, mx = runner.run(asyncio.wait_for(scenario(), 15))
+    assert code_ == 250
+    assert mx.messages == [(True, b"Subject: s\r\n\r\nbody\r\n.\r\n")]
+    after_tls = [command for tls, command in mx.commands if tls]
+    assert after_tls[:4] == [b"EHLO", b"MAIL", b"RCPT", b"DATA"]  # a fresh EHLO, answered by the real reply
