@@ -200,7 +200,7 @@ def test_relay_denied_outside_relay_from() -> None:
         client.reply()
         client.command(b"EHLO c")
         client.command(b"MAIL FROM:<a@x.test>")
-        for address in (b"b@y.test", b"b%z.test@y.test", b"@relay.test:b@y.test"):
+        for address in (b"b@y.test", b"b%z.test@y.test", b"z.test!b@y.test", b"@relay.test:b@y.test"):
             assert code(client.command(b"RCPT TO:<" + address + b">")) == b"554 5.7.1"
         assert server.handler.rejections[-1].code == 554
     finally:
@@ -496,3 +496,54 @@ def test_data_timeout(fast_timeouts: ServerThread, start: bytes) -> None:
         client.reply()
     reply = trickle(client, b"x" * 40)
     assert reply.startswith(b"421 4.4.2 Timeout receiving message data")
+
+
+COMMANDS = [
+    b"EHLO c",
+    b"HELO c",
+    b"MAIL FROM:<a@x.test>",
+    b"MAIL FROM:<a@x.test> SMTPUTF8 SIZE=10",
+    b"RCPT TO:<b@y.test>",
+    b"DATA",
+    b".",
+    b"BDAT 3",
+    b"BDAT 0 LAST",
+    b"BDAT 5 LAST",
+    b"RSET",
+    b"NOOP",
+    b"STARTTLS",
+    b"AUTH PLAIN",
+    b"AUTH LOGIN",
+    b"*",
+    b"VRFY x",
+]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    parts=st.lists(st.one_of(st.sampled_from(COMMANDS), st.binary(max_size=30)), max_size=25),
+    separators=st.lists(st.sampled_from([b"\r\n", b"\n", b"\r", b""]), min_size=25, max_size=25),
+)
+def test_random_command_streams_never_break_the_server(
+    shared_server: ServerThread, parts: list[bytes], separators: list[bytes]
+) -> None:
+    """Commands and random bytes, joined by CRLF, bare CR/LF or nothing: every reply well-formed, no exception
+    in the protocol (the loop's exception handler stays silent), and the session ends cleanly at EOF."""
+    errors: list[dict] = []
+    shared_server.loop.call_soon_threadsafe(shared_server.loop.set_exception_handler, lambda _, ctx: errors.append(ctx))
+    client = Client(shared_server.port)
+    try:
+        client.reply()
+        client.send(b"".join(part + separator for part, separator in zip(parts, separators, strict=False)))
+        client.sock.shutdown(socket.SHUT_WR)
+        client.sock.settimeout(5)
+        received = b""
+        while chunk := client.sock.recv(65536):
+            received += chunk
+    finally:
+        client.sock.close()
+    for line in received.split(b"\r\n")[:-1]:
+        assert line[:3].isdigit() and line[3:4] in (b" ", b"-"), received
+    assert received == b"" or received.endswith(b"\r\n")
+    time.sleep(0.01)
+    assert errors == []
