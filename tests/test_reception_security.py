@@ -13,6 +13,7 @@ import os
 import resource
 import socket
 import ssl
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -120,7 +121,7 @@ def test_commands_pipelined_behind_starttls_are_discarded(
     assert server.handler.rejections[-1].code == 530
 
 
-def test_clear_text_sent_after_the_starttls_reply_is_never_answered(client: Client) -> None:
+def test_clear_text_sent_after_the_starttls_reply_is_never_answered(client: Client, server: ServerThread) -> None:
     client.command(b"EHLO c")
     assert code(client.command(b"STARTTLS")) == b"220 2.0.0"
     client.send(b"NOOP\r\nMAIL FROM:<evil@x.test>\r\n")
@@ -135,6 +136,19 @@ def test_clear_text_sent_after_the_starttls_reply_is_never_answered(client: Clie
             break
         received += chunk
     assert b"250" not in received  # the bytes went to the TLS handshake, which failed
+    wait_for(lambda: server.server.session_count == 0, 5, what="the failed session released")
+
+
+@pytest.mark.parametrize("leave", ["close", "partial-hello", "reset"])
+def test_a_client_leaving_during_the_handshake_is_released(client: Client, server: ServerThread, leave: str) -> None:
+    client.command(b"EHLO c")
+    assert code(client.command(b"STARTTLS")) == b"220 2.0.0"
+    if leave == "partial-hello":
+        client.send(b"\x16\x03\x01\x00\x05hello")
+    elif leave == "reset":  # RST: the TLS layer, still handshaking, does not pass connection_lost on
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.sock.close()
+    wait_for(lambda: server.server.session_count == 0, 5, what="the session released")
 
 
 def test_auth_login_failures_are_delayed_more_each_time(

@@ -694,7 +694,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         if self._mode == _CLOSED:
             return
         if future.cancelled() or future.exception() is not None:
-            # start_tls closed the socket; the TLS layer tells the application nothing about a failed handshake.
+            # start_tls closed the socket; a connection lost while still handshaking (a reset) is not passed on.
             self.connection_lost(None if future.cancelled() else future.exception())
             return
         self._transport = future.result()
