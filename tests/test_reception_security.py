@@ -164,6 +164,7 @@ def test_auth_login_failures_are_delayed_more_each_time(
         assert code(client.command(b64("wrong"))) == b"535 5.7.8"
         delays.append(time.monotonic() - started)
     assert delays[0] >= 0.05 and delays[3] >= 0.4 and delays[3] > 3 * delays[0]
+    assert [reply.code for reply in server.handler.rejections] == [535] * 4
     assert client.command(b"AUTH LOGIN " + b64("alice")) == b"334 UGFzc3dvcmQ6"
     assert code(client.command(b64("secret"))) == b"235 2.7.0"
     assert server.server.failures.failed("127.0.0.1") == pytest.approx(0.05)  # success forgave the address

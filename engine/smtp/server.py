@@ -796,6 +796,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         if self._resumed(future):
             reply = LOCAL_ERROR if future.cancelled() or future.exception() is not None else future.result()
             if reply is AUTH_FAILED:
+                self._handler.rejected(self.session, None, (), reply)  # a Rejection record per failed guess
                 self._error(reply)
             else:
                 self._reply(reply)
