@@ -108,6 +108,7 @@ class SinkHandler:
             "bytes": self.bytes,
             "sessions_open": server.session_count,
             "messages_by_peer": dict(self.messages_by_peer),
+            "peak_sessions_by_peer": dict(server.peak_per_address),
         }
 
 

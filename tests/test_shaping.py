@@ -128,3 +128,16 @@ def test_messages_expire_while_waiting_in_a_ready_queue(tmp_path: Path, sink: Si
         assert sink.count() == len(engine.events("Delivery"))
     finally:
         engine.stop()
+
+
+def test_connection_limit_holds_across_two_workers(tmp_path: Path, sink: Sink) -> None:
+    engine, port = start(tmp_path, sink, workers=2, shaping="connection_limit = 3\nidle_timeout = \"1s\"")
+    try:
+        blast(port, 1500, 20)
+        wait_for(lambda: sink.count() >= 1500, 60, what="1500 messages at the sink")
+        workers = {record["id"][-8:-4] for record in engine.events("Delivery")}
+        assert len(workers) == 2, "both workers delivered"
+    finally:
+        engine.stop()
+    stats = sink.stop()
+    assert stats["peak_sessions_by_peer"] == {"127.0.0.1": 3}

@@ -824,6 +824,7 @@ class SMTPServer:
         self._servers: list[asyncio.base_events.Server] = []
         self._sessions: set[SMTPServerProtocol] = set()
         self._per_address: Counter[str] = Counter()
+        self.peak_per_address: Counter[str] = Counter()  # most concurrent sessions seen from each address
         keywords = [
             handler.hostname,
             "PIPELINING",
@@ -877,6 +878,7 @@ class SMTPServer:
             return TOO_MANY_FROM_ADDRESS
         self._sessions.add(protocol)
         self._per_address[address] += 1
+        self.peak_per_address[address] = max(self.peak_per_address[address], self._per_address[address])
         return None
 
     def release(self, protocol: SMTPServerProtocol) -> None:
