@@ -187,6 +187,31 @@ def test_kill_9_of_one_worker_while_the_supervisor_restarts_it(tmp_path: Path) -
     print(f"\nkill -9 of one worker: acked {len(blast.acked)}, duplicates {duplicates}, unacked delivered {unacked}")
 
 
+def test_kill_9_of_the_supervisor_alone(tmp_path: Path) -> None:
+    """Orphaned workers notice, finish their sessions and stop; a new engine delivers what they accepted."""
+    sink = Sink(tmp_path / "sink")
+    port, admin = free_port(), free_port()
+    engine = Engine(tmp_path, config(port, admin, sink.address, workers=2)).start([port])
+    try:
+        workers = wait_for(lambda: len(children(engine.process.pid)) == 2 and children(engine.process.pid), 10)
+        blast = Blast(port, "s", 400).start()
+        wait_for(lambda: len(blast.acked) >= 100, 20, what="100 messages accepted")
+        killed_at = time.time()
+        os.kill(engine.process.pid, signal.SIGKILL)
+        engine.process.wait(10)
+        engine.stderr.close()
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 40, what="orphaned workers gone")
+        blast.join()
+        engine.start([port])
+        duplicates, unacked = check_run(sink, "s-", blast.acked, killed_at)
+    finally:
+        engine.stop()
+        sink.stop()
+    print(
+        f"\nkill -9 of the supervisor: acked {len(blast.acked)}, duplicates {duplicates}, unacked delivered {unacked}"
+    )
+
+
 def send(port: int, size: int) -> tuple[int, bytes]:
     """One message; (code, text) of the answer to DATA, or of the command that failed."""
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
