@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiosmtplib
-import uvloop
 
+from bench.common import Column, Sink, print_table, run_on_fresh_loop, write_results
 from engine.config import Egress, load_config
 from engine.delivery import Deliverer
 from engine.resolver import Resolver
@@ -29,19 +24,6 @@ SENDER = "bench@src.test"
 RECIPIENTS = ["user@dest.test"]
 MESSAGE = b"From: bench@src.test\r\nTo: user@dest.test\r\nSubject: bench\r\n\r\n" + b"x" * 76 + b"\r\n"
 MESSAGE = MESSAGE * (2048 // len(MESSAGE))
-RESULTS = Path(__file__).parent / "results" / "delivery.json"
-
-
-class _Sink:
-    def __init__(self) -> None:
-        command = [sys.executable, "-m", "engine", "sink", "--listen", "127.0.0.1:0"]
-        self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        assert self._proc.stdout is not None
-        self.port = int(json.loads(self._proc.stdout.readline())["listening"].rpartition(":")[2])
-
-    def close(self) -> None:
-        self._proc.terminate()
-        self._proc.wait(10)
 
 
 async def _baseline(port: int, count: int) -> None:
@@ -68,15 +50,6 @@ async def _deliverer(port: int, count: int, concurrency: int, shaping: str) -> N
     await deliverer.close()
 
 
-def _measure(run: Callable[[], Awaitable[object]]) -> tuple[float, float]:
-    """(CPU, wall) seconds of one run on a fresh uvloop loop."""
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        usage, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        runner.run(run())
-        after, wall2 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    return (after.ru_utime + after.ru_stime) - (usage.ru_utime + usage.ru_stime), wall2 - wall
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a short run")
@@ -93,23 +66,34 @@ def main() -> None:
     ]
     rows = []
     for name, make in cases:
-        sink = _Sink()
+        sink = Sink()
         try:
-            cpu, wall = _measure(lambda make=make, port=sink.port: make(port))
+            timing = run_on_fresh_loop(lambda make=make, port=sink.port: make(port))
         finally:
-            sink.close()
+            sink.stop()
         sent = count // 4 if "per message" in name else count
-        rows.append({"case": name, "messages": sent, "cpu_us_per_msg": cpu / sent * 1e6, "msgs_per_s": sent / wall})
+        rows.append(
+            {
+                "case": name,
+                "messages": sent,
+                "cpu_us_per_msg": timing.cpu / sent * 1e6,
+                "msgs_per_s": sent / timing.wall,
+            }
+        )
     baseline = rows[0]["cpu_us_per_msg"]
-    print(f"{'case':42} {'messages':>8} {'CPU µs/msg':>11} {'msgs/s':>8} {'CPU vs baseline':>16}")
     for row in rows:
         row["cpu_ratio"] = row["cpu_us_per_msg"] / baseline
-        print(
-            f"{row['case']:42} {row['messages']:>8} {row['cpu_us_per_msg']:>11.0f} "
-            f"{row['msgs_per_s']:>8.0f} {row['cpu_ratio']:>15.2f}x"
-        )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"quick": args.quick, "size": len(MESSAGE), "rows": rows}, indent=2) + "\n")
+    print_table(
+        [
+            Column("case", "case", "<42"),
+            Column("messages", "messages", ">8"),
+            Column("CPU µs/msg", "cpu_us_per_msg", ">11.0f"),
+            Column("msgs/s", "msgs_per_s", ">8.0f"),
+            Column("CPU vs baseline", "cpu_ratio", ">15.2f", "x"),
+        ],
+        rows,
+    )
+    write_results("delivery", {"quick": args.quick, "size": len(MESSAGE), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import base64
 import cProfile
-import json
 import pstats
 import statistics
 import tempfile
@@ -27,10 +26,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from bench.common import Column, print_table, write_results
 from engine import _dkimcanon_py, dkimcanon
 from engine.signing import DkimSigner, generate_key
 
-RESULTS = Path(__file__).parent / "results" / "dkim.json"
 DOMAIN = "bench.example.net"
 SELECTOR = "s2026"
 SIZES = {"2KB": 2_000, "100KB": 100_000}
@@ -149,24 +148,28 @@ def main() -> None:
         * 1e6,
     }
     report(rows, canon)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"quick": args.quick, "sign": rows, "relaxed_body_100KB": canon}, indent=2))
-    print(f"\nwrote {RESULTS}")
+    write_results("dkim", {"quick": args.quick, "sign": rows, "relaxed_body_100KB": canon})
 
 
 def report(rows: list[dict], canon: dict[str, float]) -> None:
-    print(f"{'algorithm':<16}{'body':>7}{'ours ms':>10}{'stock ms':>10}{'ratio':>8}{'floor ms':>10}  target")
     for row in rows:
         target = row["target_ms"]
-        verdict = ""
         if target is not None:
             fast = "met" if row["ours_ms"] <= target else "MISSED"
             ratio = "met" if row["ratio"] >= TARGET_RATIO else "MISSED"
-            verdict = f"<= {target} ms {fast}, >= {TARGET_RATIO:.0f}x {ratio}"
-        print(
-            f"{row['algorithm']:<16}{row['body']:>7}{row['ours_ms']:>10.3f}{row['stock_ms']:>10.3f}"
-            f"{row['ratio']:>7.1f}x{row['floor_ms']:>10.3f}  {verdict}"
-        )
+            row["verdict"] = f"<= {target} ms {fast}, >= {TARGET_RATIO:.0f}x {ratio}"
+    print_table(
+        [
+            Column("algorithm", "algorithm", "<16"),
+            Column("body", "body", ">7"),
+            Column("ours ms", "ours_ms", ">10.3f"),
+            Column("stock ms", "stock_ms", ">10.3f"),
+            Column("ratio", "ratio", ">7.1f", "x"),
+            Column("floor ms", "floor_ms", ">10.3f"),
+            Column("target", "verdict", "<"),
+        ],
+        rows,
+    )
     print(
         f"\nrelaxed body canonicalisation, 100 KB: compiled {canon['compiled_us']:.0f} us, "
         f"pure twin {canon['pure_us']:.0f} us, dkimpy {canon['dkimpy_us']:.0f} us"

@@ -8,27 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import dns.asyncresolver
 import dns.nameserver
-import uvloop
 
+from bench.common import Column, print_table, run_on_fresh_loop, write_results
 from engine.resolver import Resolver
-
-RESULTS = Path(__file__).parent / "results" / "resolver.json"
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _zone(count: int) -> str:
@@ -61,14 +50,6 @@ async def _concurrent(resolver: Resolver, count: int, distinct: int) -> None:
     await asyncio.gather(*(resolver.next_hops(f"d{i % distinct}.test") for i in range(count)))
 
 
-def _measure(run: Callable[[], Awaitable[object]]) -> tuple[float, float]:
-    """(CPU seconds, wall seconds) of one run on a fresh uvloop loop."""
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        cpu, wall = _cpu(), time.perf_counter()
-        runner.run(run())
-        return _cpu() - cpu, time.perf_counter() - wall
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a short run")
@@ -96,22 +77,33 @@ def main() -> None:
             ]
             rows = []
             for name, calls, make in cases:
-                cpu, wall = _measure(make)
-                rows.append({"case": name, "calls": calls, "cpu_us": cpu / calls * 1e6, "wall_us": wall / calls * 1e6})
+                timing = run_on_fresh_loop(make)
+                rows.append(
+                    {
+                        "case": name,
+                        "calls": calls,
+                        "cpu_us": timing.cpu / calls * 1e6,
+                        "wall_us": timing.wall / calls * 1e6,
+                    }
+                )
         finally:
             server.terminate()
             server.wait(10)
     baseline = rows[0]["cpu_us"]
     print(f"{count} domains (MX + A each), DNS server in a subprocess on loopback, uvloop")
-    print(f"{'case':<36}{'calls':>8}{'CPU µs/call':>13}{'wall µs/call':>14}{'CPU vs baseline':>17}")
     for row in rows:
         row["ratio_vs_dnspython"] = row["cpu_us"] / baseline
-        print(
-            f"{row['case']:<36}{row['calls']:>8}{row['cpu_us']:>13.1f}{row['wall_us']:>14.1f}"
-            f"{row['ratio_vs_dnspython']:>17.3f}"
-        )
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"domains": count, "rows": rows}, indent=2) + "\n")
+    print_table(
+        [
+            Column("case", "case", "<36"),
+            Column("calls", "calls", ">8"),
+            Column("CPU µs/call", "cpu_us", ">13.1f"),
+            Column("wall µs/call", "wall_us", ">14.1f"),
+            Column("CPU vs baseline", "ratio_vs_dnspython", ">17.3f"),
+        ],
+        rows,
+    )
+    write_results("resolver", {"domains": count, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -8,29 +8,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import aiosmtplib
 import uvloop
 
+from bench.common import Column, print_table, run_on_fresh_loop, write_results
 from engine.loadgen import _Composer, run_load
 from engine.smtp.client import SMTPConnection
 
 SIZE = 2048
 SENDER = "bench@src.test"
-RESULTS = Path(__file__).parent / "results" / "smtp_client.json"
-
-
-def _cpu() -> tuple[float, float]:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime, usage.ru_stime
 
 
 class _PeerProcess:
@@ -81,15 +72,6 @@ async def _aiosmtplib_client(port: int, count: int, messages: list[bytes]) -> No
     await smtp.quit()
 
 
-def _measure(run: Callable[[], Awaitable[object]]) -> tuple[float, float, float]:
-    """(user CPU, system CPU, wall) seconds of one run on a fresh uvloop loop."""
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        (user, system), wall = _cpu(), time.perf_counter()
-        runner.run(run())
-        (user2, system2), wall2 = _cpu(), time.perf_counter()
-        return user2 - user, system2 - system, wall2 - wall
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a short run")
@@ -121,14 +103,16 @@ def main() -> None:
     for name, pipelining, make in cases:
         peer = _PeerProcess(pipelining)
         try:
-            runs = [_measure(lambda make=make, port=peer.port: make(port)) for _ in range(repeat)]
+            runs = [run_on_fresh_loop(lambda make=make, port=peer.port: make(port)) for _ in range(repeat)]
         finally:
             peer.close()
-        user, system, wall = (statistics.median(r[i] for r in runs) for i in range(3))
+        user, system, wall = (
+            statistics.median(getattr(r, field) for r in runs) for field in ("user", "system", "wall")
+        )
         rows.append(
             {
                 "client": name,
-                "cpu_us_per_msg": statistics.median(r[0] + r[1] for r in runs) / count * 1e6,
+                "cpu_us_per_msg": statistics.median(r.cpu for r in runs) / count * 1e6,
                 "user_us_per_msg": user / count * 1e6,
                 "sys_us_per_msg": system / count * 1e6,
                 "msgs_per_s": count / wall,
@@ -136,16 +120,20 @@ def main() -> None:
         )
     baseline = rows[0]["cpu_us_per_msg"]
     print(f"{count} messages of {SIZE} bytes, one recipient, uvloop, server in a subprocess, median of {repeat}")
-    print(f"{'client':<32}{'CPU µs/msg':>12}{'user':>8}{'sys':>8}{'msgs/s':>10}{'CPU vs baseline':>17}")
     for row in rows:
         row["ratio_vs_aiosmtplib"] = row["cpu_us_per_msg"] / baseline
-        print(
-            f"{row['client']:<32}{row['cpu_us_per_msg']:>12.1f}{row['user_us_per_msg']:>8.1f}"
-            f"{row['sys_us_per_msg']:>8.1f}{row['msgs_per_s']:>10.0f}{row['ratio_vs_aiosmtplib']:>17.2f}"
-        )
-    RESULTS.parent.mkdir(exist_ok=True)
-    rows = [{k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
-    RESULTS.write_text(json.dumps({"count": count, "size": SIZE, "repeat": repeat, "rows": rows}, indent=2) + "\n")
+    print_table(
+        [
+            Column("client", "client", "<32"),
+            Column("CPU µs/msg", "cpu_us_per_msg", ">12.1f"),
+            Column("user", "user_us_per_msg", ">8.1f"),
+            Column("sys", "sys_us_per_msg", ">8.1f"),
+            Column("msgs/s", "msgs_per_s", ">10.0f"),
+            Column("CPU vs baseline", "ratio_vs_aiosmtplib", ">17.2f"),
+        ],
+        rows,
+    )
+    write_results("smtp_client", {"count": count, "size": SIZE, "repeat": repeat, "rows": rows})
 
 
 if __name__ == "__main__":

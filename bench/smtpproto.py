@@ -7,15 +7,13 @@ message. Run: python -m bench.smtpproto [--quick]
 from __future__ import annotations
 
 import argparse
-import json
 import timeit
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 
+from bench.common import Column, print_table, write_results
 from engine import _smtpproto, _smtpproto_py
 
-RESULTS = Path(__file__).parent / "results" / "smtpproto.json"
 HEADERS = b"From: sender@example.com\r\nTo: user@example.net\r\nSubject: bench\r\nMessage-ID: <1@example.com>\r\n\r\n"
 PIPELINED = b"MAIL FROM:<sender@example.com>\r\n"
 
@@ -71,11 +69,16 @@ def main() -> None:
         rows.append({"case": name, "compiled_us": _per_call(compiled, args.quick)})
         rows[-1]["python_us"] = _per_call(python, args.quick)
         rows[-1]["ratio"] = rows[-1]["python_us"] / rows[-1]["compiled_us"]
-    print(f"{'case':40} {'compiled µs':>12} {'pure µs (baseline)':>19} {'pure / compiled':>16}")
-    for row in rows:
-        print(f"{row['case']:40} {row['compiled_us']:>12.3f} {row['python_us']:>19.3f} {row['ratio']:>15.1f}x")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"quick": args.quick, "rows": rows}, indent=2) + "\n")
+    print_table(
+        [
+            Column("case", "case", "<40"),
+            Column("compiled µs", "compiled_us", ">12.3f"),
+            Column("pure µs (baseline)", "python_us", ">19.3f"),
+            Column("pure / compiled", "ratio", ">15.1f", "x"),
+        ],
+        rows,
+    )
+    write_results("smtpproto", {"quick": args.quick, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -29,10 +28,10 @@ from pathlib import Path
 import lmdb
 import uvloop
 
+from bench.common import Column, print_table, write_results
 from engine.envelope import new_message_id
 from engine.spool import SWITCH_INTERVAL, Spool
 
-RESULTS = Path(__file__).parent / "results" / "spool.json"
 CONCURRENCY = (1, 10, 100, 1000)
 BODY = os.urandom(2048)
 ENVELOPE = os.urandom(150)
@@ -154,34 +153,48 @@ def main() -> None:
             for kind in ("group", "group, default switch interval")
         ]
     report(rows, busy)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {"quick": args.quick, "body_bytes": len(BODY), "rows": rows, "busy_loop": busy},
-            indent=2,
-        )
-    )
-    print(f"\nwrote {RESULTS}")
+    write_results("spool", {"quick": args.quick, "body_bytes": len(BODY), "rows": rows, "busy_loop": busy})
 
 
 def report(rows: list[dict], busy: list[dict]) -> None:
     print(f"durable stores, {len(BODY)} B bodies: group commit vs one transaction+fsync per message")
-    print(
-        f"{'writers':>8}{'group msg/s':>13}{'us/msg':>9}{'cpu us':>8}{'p99 ms':>8}{'batch':>8}"
-        f"{'base msg/s':>12}{'us/msg':>9}{'p99 ms':>8}{'ratio':>8}"
+    flat = [
+        {"writers": row["writers"], "ratio": row["ratio"]}
+        | {f"group_{k}": v for k, v in row["group"].items()}
+        | {f"base_{k}": v for k, v in row["baseline"].items()}
+        for row in rows
+    ]
+    print_table(
+        [
+            Column("writers", "writers", ">8"),
+            Column("group msg/s", "group_per_s", ">13,.0f"),
+            Column("us/msg", "group_wall_us", ">9.1f"),
+            Column("cpu us", "group_cpu_us", ">8.1f"),
+            Column("p99 ms", "group_p99_ms", ">8.2f"),
+            Column("batch", "group_batch", ">8.1f"),
+            Column("base msg/s", "base_per_s", ">12,.0f"),
+            Column("us/msg", "base_wall_us", ">9.1f"),
+            Column("p99 ms", "base_p99_ms", ">8.2f"),
+            Column("ratio", "ratio", ">7.1f", "x"),
+        ],
+        flat,
     )
-    for row in rows:
-        group, base = row["group"], row["baseline"]
-        print(
-            f"{row['writers']:>8}{group['per_s']:>13,.0f}{group['wall_us']:>9.1f}{group['cpu_us']:>8.1f}"
-            f"{group['p99_ms']:>8.2f}{group['batch']:>8.1f}{base['per_s']:>12,.0f}{base['wall_us']:>9.1f}"
-            f"{base['p99_ms']:>8.2f}{row['ratio']:>7.1f}x"
-        )
     print(f"\nnext to a task that keeps the event loop busy in {BUSY_SLICE * 1e3:g} ms slices")
-    print(f"{'writers':>8}  {'':<34}{'msg/s':>9}{'p99 ms':>8}{'batch':>8}")
-    for row in busy:
-        label = row["kind"] if "default" in row["kind"] else f"group, switch interval {SWITCH_INTERVAL * 1e3:g} ms"
-        print(f"{row['writers']:>8}  {label:<34}{row['per_s']:>9,.0f}{row['p99_ms']:>8.2f}{row['batch']:>8.1f}")
+    labelled = [
+        row
+        | {"label": row["kind"] if "default" in row["kind"] else f"group, switch interval {SWITCH_INTERVAL * 1e3:g} ms"}
+        for row in busy
+    ]
+    print_table(
+        [
+            Column("writers", "writers", ">8"),
+            Column("", "label", "<34"),
+            Column("msg/s", "per_s", ">9,.0f"),
+            Column("p99 ms", "p99_ms", ">8.2f"),
+            Column("batch", "batch", ">8.1f"),
+        ],
+        labelled,
+    )
 
 
 if __name__ == "__main__":
