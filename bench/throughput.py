@@ -211,33 +211,39 @@ def _transactional_worker(supervisor: int) -> int:
 
 
 def _start_profiler(supervisor: int, out: Path) -> subprocess.Popen:
-    """py-spy recording the transactional worker, raw collapsed stacks; it writes them on SIGINT."""
-    command = ["py-spy", "record", "--pid", str(_transactional_worker(supervisor)), "--rate", "250"]
-    command += ["--format", "raw", "--output", str(out), "--nonblocking"]
+    """py-spy recording every thread of the transactional worker, idle time included, as collapsed stacks
+    (it writes them on SIGINT): the share of a thread's samples in a function is the share of its wall time."""
+    command = ["py-spy", "record", "--pid", str(_transactional_worker(supervisor)), "--rate", "200"]
+    command += ["--threads", "--idle", "--nonblocking", "--format", "raw", "--output", str(out)]
     spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)
     return spy
 
 
-def summarise_profile(path: Path, top: int = 25) -> dict:
-    """Self and inclusive shares of the top functions in py-spy's collapsed stacks ("a;b;c COUNT" lines)."""
-    own: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    total = 0
+def summarise_profile(path: Path, top: int = 20) -> dict:
+    """Per thread: its samples, and the functions on top of its stack (self) and anywhere on it (inclusive),
+    as percentages of that thread's samples. Lines are "thread (ID): NAME;frame;frame COUNT"."""
+    threads: dict[str, dict] = {}
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
-        frames = [_short(frame) for frame in stack.split(";")]
+        thread, *frames = stack.split(";")
+        name = thread.partition(": ")[2] or thread
+        entry = threads.setdefault(name, {"samples": 0, "self": Counter(), "inclusive": Counter()})
         samples = int(count)
-        total += samples
-        own[frames[-1]] += samples
-        for frame in set(frames):
-            inclusive[frame] += samples
+        entry["samples"] += samples
+        short = [_short(frame) for frame in frames] or ["(no Python frame)"]
+        entry["self"][short[-1]] += samples
+        for frame in set(short):
+            entry["inclusive"][frame] += samples
     return {
-        "samples": total,
-        "self": [(name, n / total * 100) for name, n in own.most_common(top)],
-        "inclusive": [(name, n / total * 100) for name, n in inclusive.most_common(top)],
+        name: {
+            "samples": entry["samples"],
+            "self": [(f, n / entry["samples"] * 100) for f, n in entry["self"].most_common(top)],
+            "inclusive": [(f, n / entry["samples"] * 100) for f, n in entry["inclusive"].most_common(top)],
+        }
+        for name, entry in sorted(threads.items(), key=lambda item: -item[1]["samples"])
     }
 
 
@@ -280,7 +286,7 @@ def main() -> None:
         workload = WORKLOADS["W1"]
         count = args.count or (workload.quick_count if args.quick else workload.count)
         profiled = run_engine(workload, count, 1, 60.0 + count / 100, profile=raw)
-        profile = {"workload": "W1", "run": profiled, "raw": str(raw), **summarise_profile(raw)}
+        profile = {"workload": "W1", "run": profiled, "raw": str(raw), "threads": summarise_profile(raw)}
     ratios = peer_ratios(rows)
     report(rows, ratios, profile)
     payload = {
@@ -375,11 +381,15 @@ def report(rows: list[dict], ratios: list[dict], profile: dict | None) -> None:
             ratios,
         )
     if profile:
-        print(f"\npy-spy, transactional worker under W1 ({profile['samples']} samples, {profile['raw']}):")
-        for kind in ("self", "inclusive"):
-            print(f"  top by {kind} time:")
-            for name, share in profile[kind][:15]:
-                print(f"    {share:5.1f}%  {name}")
+        run = profile["run"]
+        print(
+            f"\npy-spy on the transactional worker under W1 ({run.get('msgs_per_s', 0):,.0f} msgs/s while sampled), "
+            f"wall-time shares per thread, idle included; raw stacks in {profile['raw']}"
+        )
+        for name, thread in profile["threads"].items():
+            print(f"  {name} ({thread['samples']} samples), top by self time:")
+            for function, share in thread["self"][:12]:
+                print(f"    {share:5.1f}%  {function}")
 
 
 if __name__ == "__main__":
