@@ -11,6 +11,7 @@ import base64
 import ipaddress
 import os
 import resource
+import smtplib
 import socket
 import ssl
 import struct
@@ -473,3 +474,46 @@ def test_delivery_ignores_replies_injected_behind_the_starttls_reply(
     assert mx.messages == [(True, b"Subject: s\r\n\r\nbody\r\n.\r\n")]
     after_tls = [command for tls, command in mx.commands if tls]
     assert after_tls[:4] == [b"EHLO", b"MAIL", b"RCPT", b"DATA"]  # a fresh EHLO, answered by the real reply
+
+
+def test_engine_listener_with_tls_and_users(tmp_path: Path, certificate: tuple[Path, Path], users_file: Path) -> None:
+    """The worker builds its listener from tls_cert, tls_key and users_file: smtplib gets in with STARTTLS+AUTH."""
+    sink = Sink(tmp_path / "sink")
+    port, admin = free_port(), free_port()
+    config = f"""
+[engine]
+hostname = "mta.test"
+spool_dir = "spool"
+log_dir = "logs"
+[admin]
+listen = "127.0.0.1:{admin}"
+[routes]
+"*" = "{sink.address}"
+[lanes.transactional]
+[[listeners]]
+name = "submission"
+listen = "127.0.0.1:{port}"
+lane = "transactional"
+relay_from = []
+tls_cert = "{certificate[0]}"
+tls_key = "{certificate[1]}"
+users_file = "{users_file}"
+"""
+    engine = Engine(tmp_path, config).start([port])
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.ehlo()
+            assert client.has_extn("starttls") and not client.has_extn("auth")
+            with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+                client.sendmail("a@x.test", ["b@dest.test"], b"Subject: clear\r\n\r\nno\r\n")
+            assert refused.value.smtp_code == 530
+            client.starttls(context=ssl.create_default_context(cafile=certificate[0]))
+            client.ehlo()
+            client.login("alice", "secret")
+            client.sendmail("a@x.test", ["b@dest.test"], b"Subject: submitted\r\n\r\nyes\r\n")
+        wait_for(lambda: sink.count() == 1, 10, what="delivery")
+        ((_, message),) = sink.messages()
+        assert b"with ESMTPSA" in message
+    finally:
+        engine.stop()
+        sink.stop()
