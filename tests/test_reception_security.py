@@ -28,7 +28,7 @@ from engine.delivery import Deliverer
 from engine.resolver import Resolver
 from engine.smtp.auth import FailureDelays, UsersFile, add_user, decode_plain, hash_password, verify_password
 from engine.smtp.server import Limits
-from engine.smtp.tls import server_context
+from engine.smtp.tls import CertificateFiles, server_context
 from tests.certs import self_signed
 from tests.harness import Engine, Sink, free_port, wait_for
 from tests.test_smtp_server import Client, ServerThread, code
@@ -106,6 +106,30 @@ def test_starttls_auth_then_relay(client: Client, server: ServerThread, client_t
     client.send(b"Subject: over TLS\r\n\r\nhi\r\n.\r\n")
     assert code(client.reply()) == b"250 2.0.0"
     assert server.handler.messages == [("a@x.test", ["b@relayed.test"], b"Subject: over TLS\r\n\r\nhi\r\n")]
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_renewed_certificate_is_used_without_restart(tmp_path: Path, loop: str) -> None:
+    cert, key = self_signed(tmp_path)
+    server = ServerThread(Limits(), tls=CertificateFiles(cert, key), loop=LOOPS[loop])
+
+    def served_certificate() -> bytes:
+        client = Client(server.port)
+        client.reply()
+        secure(client, ssl.create_default_context(cafile=cert))
+        der = client.sock.getpeercert(binary_form=True)
+        client.sock.close()
+        return der
+
+    try:
+        first = served_certificate()
+        self_signed(tmp_path)  # renewal: both files replaced
+        second = served_certificate()
+        assert second != first
+        key.write_text("broken")  # a bad renewal keeps the last good pair
+        assert served_certificate() == second
+    finally:
+        server.stop()
 
 
 def test_commands_pipelined_behind_starttls_are_discarded(

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from engine import smtpproto
 from engine.smtp.auth import FailureDelays, UsersFile, UsersFileError, decode_plain
-from engine.smtp.tls import server_context
+from engine.smtp.tls import CertificateFiles
 
 if TYPE_CHECKING:
     from engine.config import Listener
@@ -684,7 +684,11 @@ class SMTPServerProtocol(asyncio.Protocol):
         """After the 220 is written: nothing more is read in clear text, the handshake runs on the same socket."""
         self._transport.pause_reading()
         handshake = self._loop.start_tls(
-            self._transport, self, self._server.tls, server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT
+            self._transport,
+            self,
+            self._server.tls_context(),
+            server_side=True,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
         )
         self._task = asyncio.ensure_future(handshake)
         self._task.add_done_callback(self._tls_started)
@@ -812,7 +816,7 @@ class SMTPServer:
         limits: Limits,
         relay_from: Sequence = (),
         *,
-        tls: ssl.SSLContext | None = None,
+        tls: ssl.SSLContext | CertificateFiles | None = None,
         users: UsersFile | None = None,
     ) -> None:
         self.handler = handler
@@ -849,9 +853,13 @@ class SMTPServer:
             max_connections=listener.max_connections,
             max_connections_per_ip=listener.max_connections_per_ip,
         )
-        tls = server_context(listener.tls_cert, listener.tls_key) if listener.tls_cert and listener.tls_key else None
+        tls = CertificateFiles(listener.tls_cert, listener.tls_key) if listener.tls_cert and listener.tls_key else None
         users = UsersFile(listener.users_file) if listener.users_file else None
         return cls(handler, limits, listener.relay_from, tls=tls, users=users)
+
+    def tls_context(self) -> ssl.SSLContext:
+        """The context for the next STARTTLS; certificate files are re-read when they change."""
+        return self.tls.context() if isinstance(self.tls, CertificateFiles) else self.tls
 
     def ehlo_reply(self, tls: bool) -> Reply:
         """STARTTLS is offered only in clear text, AUTH only inside TLS."""
