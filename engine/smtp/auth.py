@@ -117,7 +117,8 @@ class UsersFile:
         self._error: str | None = None
         self._dummy = _dummy_hash()
 
-    def _load(self) -> dict[str, str]:
+    def accounts(self) -> dict[str, str]:
+        """user → hash, re-read if the file changed; UsersFileError if it cannot be read or has a bad line."""
         with self._lock:
             try:
                 stat = os.stat(self.path)
@@ -147,7 +148,7 @@ class UsersFile:
 
     def verify(self, user: str, password: str) -> bool:
         """Blocking (one scrypt): run it in a thread. An unknown user costs the same time as a wrong password."""
-        stored = self._load().get(user)
+        stored = self.accounts().get(user)
         if stored is None:
             verify_password(password, self._dummy)
             return False
