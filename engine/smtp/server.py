@@ -19,7 +19,7 @@ import math
 import ssl
 import time
 from collections import Counter
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -164,7 +164,7 @@ _READING = (_COMMAND, _DATA, _CHUNK, _AUTH)
 _MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8"})
 
 
-def _bad_line_endings(content: bytes) -> int:
+def _content_status(content: bytes) -> int:
     """smtpproto's status of BDAT content, which is not dot-stuffed and so cannot go through decode_data."""
     crlf = content.count(b"\r\n")
     if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
@@ -388,7 +388,7 @@ class SMTPServerProtocol(asyncio.Protocol):
             message = bytes(chunks)
             if message and not message.endswith(b"\r\n"):
                 message += b"\r\n"
-            if not self._refuse_content(_bad_line_endings(message)):
+            if not self._refuse_content(_content_status(message)):
                 self._deliver(message)
         return position
 
@@ -408,7 +408,7 @@ class SMTPServerProtocol(asyncio.Protocol):
             return
         self._wait(asyncio.ensure_future(result), self._message_handled)
 
-    def _wait(self, future: asyncio.Future, done) -> None:
+    def _wait(self, future: asyncio.Future, done: Callable[[asyncio.Future], None]) -> None:
         self._mode = _WAITING
         self._task = future
         future.add_done_callback(done)
