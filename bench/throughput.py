@@ -1,6 +1,6 @@
 """End-to-end relay throughput: `engine send` → MTA → `engine sink`, counted at the sink, fsync on.
 
-    python -m bench.throughput [--quick] [--workload W1 ...] [--workers 1,2] [--peer postfix] [--profile]
+    python -m bench.throughput [--quick] [--workload W1 ...] [--workers 1,2] [--peer postfix] [--profile [wall|cpu]]
 
 Workloads (20 injecting sessions each):
   W1  2 KB, one recipient                      20,000 messages (2,000 with --quick)
@@ -160,7 +160,9 @@ def drive(mta: str, root: int, port: int, sink: Sink, workload: Workload, count:
     return row
 
 
-def run_engine(workload: Workload, count: int, workers: int, timeout: float, profile: Path | None = None) -> dict:
+def run_engine(
+    workload: Workload, count: int, workers: int, timeout: float, profile: tuple[Path, str] | None = None
+) -> dict:
     sink = Sink()
     try:
         with tempfile.TemporaryDirectory(prefix="bench-dkim-") as keys:
@@ -168,7 +170,7 @@ def run_engine(workload: Workload, count: int, workers: int, timeout: float, pro
             port = free_port()
             engine = EngineServer(engine_config(port, sink.port, workers, key_file), port)
             try:
-                spy = _start_profiler(engine.pid, profile) if profile else None
+                spy = _start_profiler(engine.pid, *profile) if profile else None
                 row = drive(
                     f"engine, {workers} tx worker{'s' * (workers > 1)}",
                     engine.pid,
@@ -210,17 +212,19 @@ def _transactional_worker(supervisor: int) -> int:
     raise RuntimeError("no transactional worker found")
 
 
-def _start_profiler(supervisor: int, out: Path) -> subprocess.Popen:
-    """py-spy recording every thread of the transactional worker, idle time included, as collapsed stacks
-    (it writes them on SIGINT): the share of a thread's samples in a function is the share of its wall time."""
+def _start_profiler(supervisor: int, out: Path, mode: str) -> subprocess.Popen:
+    """py-spy on the transactional worker, writing collapsed stacks on SIGINT. "wall": every thread, idle
+    time included, so a function's share of a thread's samples is its share of that thread's wall time.
+    "cpu": only the thread holding the GIL, so shares are of the Python CPU time."""
     command = ["py-spy", "record", "--pid", str(_transactional_worker(supervisor)), "--rate", "200"]
-    command += ["--threads", "--idle", "--nonblocking", "--format", "raw", "--output", str(out)]
+    command += ["--threads", "--idle"] if mode == "wall" else ["--gil"]
+    command += ["--nonblocking", "--format", "raw", "--output", str(out)]
     spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)
     return spy
 
 
-def summarise_profile(path: Path, top: int = 20) -> dict:
+def summarise_profile(path: Path, top: int = 40) -> dict:
     """Per thread: its samples, and the functions on top of its stack (self) and anywhere on it (inclusive),
     as percentages of that thread's samples. Lines are "thread (ID): NAME;frame;frame COUNT"."""
     threads: dict[str, dict] = {}
@@ -228,7 +232,7 @@ def summarise_profile(path: Path, top: int = 20) -> dict:
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
-        thread, *frames = stack.split(";")
+        thread, *frames = stack.split(";") if stack.startswith("thread (") else ("GIL holder", *stack.split(";"))
         name = thread.partition(": ")[2] or thread
         entry = threads.setdefault(name, {"samples": 0, "self": Counter(), "inclusive": Counter()})
         samples = int(count)
@@ -260,7 +264,13 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="transactional worker counts to try (default 1,2)")
     parser.add_argument("--count", type=int, help="messages per run (overrides the workload's)")
     parser.add_argument("--peer", action="append", choices=["postfix"], default=[], help="run the same through a peer")
-    parser.add_argument("--profile", action="store_true", help="also profile the engine's worker under W1 (py-spy)")
+    parser.add_argument(
+        "--profile",
+        nargs="?",
+        const="wall",
+        choices=["wall", "cpu"],
+        help="also profile the engine's worker under W1 with py-spy: wall time per thread (default) or GIL CPU",
+    )
     parser.add_argument("--out", type=Path, help="JSON results file (default bench/results/throughput.json)")
     args = parser.parse_args()
     workers = [int(n) for n in args.workers.split(",")]
@@ -281,12 +291,18 @@ def main() -> None:
             _progress(rows[-1])
     profile = None
     if args.profile:
-        raw = RESULTS_DIR / "throughput-profile.txt"
+        raw = RESULTS_DIR / f"throughput-profile-{args.profile}.txt"
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         workload = WORKLOADS["W1"]
         count = args.count or (workload.quick_count if args.quick else workload.count)
-        profiled = run_engine(workload, count, 1, 60.0 + count / 100, profile=raw)
-        profile = {"workload": "W1", "run": profiled, "raw": str(raw), "threads": summarise_profile(raw)}
+        profiled = run_engine(workload, count, 1, 60.0 + count / 100, profile=(raw, args.profile))
+        profile = {
+            "workload": "W1",
+            "mode": args.profile,
+            "run": profiled,
+            "raw": str(raw),
+            "threads": summarise_profile(raw),
+        }
     ratios = peer_ratios(rows)
     report(rows, ratios, profile)
     payload = {
@@ -384,11 +400,15 @@ def report(rows: list[dict], ratios: list[dict], profile: dict | None) -> None:
         run = profile["run"]
         print(
             f"\npy-spy on the transactional worker under W1 ({run.get('msgs_per_s', 0):,.0f} msgs/s while sampled), "
-            f"wall-time shares per thread, idle included; raw stacks in {profile['raw']}"
+            + ("wall-time shares per thread, idle included" if profile["mode"] == "wall" else "shares of GIL time")
+            + f"; raw stacks in {profile['raw']}"
         )
         for name, thread in profile["threads"].items():
             print(f"  {name} ({thread['samples']} samples), top by self time:")
             for function, share in thread["self"][:12]:
+                print(f"    {share:5.1f}%  {function}")
+            print("    top by inclusive time, below the event loop's own frames:")
+            for function, share in [item for item in thread["inclusive"] if item[1] < 90][:12]:
                 print(f"    {share:5.1f}%  {function}")
 
 
