@@ -407,8 +407,9 @@ def report(rows: list[dict], ratios: list[dict], profile: dict | None) -> None:
             print(f"  {name} ({thread['samples']} samples), top by self time:")
             for function, share in thread["self"][:12]:
                 print(f"    {share:5.1f}%  {function}")
-            print("    top by inclusive time, below the event loop's own frames:")
-            for function, share in [item for item in thread["inclusive"] if item[1] < 90][:12]:
+            print("    top by inclusive time, below the frames every sample shares with the event loop:")
+            outer = thread["inclusive"][0][1] if thread["inclusive"] else 0
+            for function, share in [item for item in thread["inclusive"] if item[1] < outer][:12]:
                 print(f"    {share:5.1f}%  {function}")
 
 
