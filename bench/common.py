@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -286,7 +287,8 @@ class Sink:
 
 
 class EngineServer:
-    """`engine serve` with a configuration written to a fresh temporary directory (spool and logs too)."""
+    """`engine serve` with a configuration written to a fresh temporary directory (spool and logs too),
+    removed when it stops."""
 
     def __init__(self, config: str, port: int, timeout: float = 30.0) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="bench-engine-"))
@@ -300,15 +302,17 @@ class EngineServer:
         try:
             wait_for_port(port, timeout, lambda: self.process.poll() is None)
         except RuntimeError:
+            log = self.log_text()
             self.stop()
-            raise RuntimeError(f"engine serve did not start:\n{self.log_text()}") from None
+            raise RuntimeError(f"engine serve did not start:\n{log}") from None
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     def log_text(self) -> str:
-        return (self.directory / "engine.stderr").read_text(errors="replace")
+        path = self.directory / "engine.stderr"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self, timeout: float = 60.0) -> None:
         """SIGTERM (graceful), SIGKILL of the whole process group if that takes too long."""
@@ -320,6 +324,7 @@ class EngineServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(10)
         self._stderr.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 @dataclass(frozen=True)
