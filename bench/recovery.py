@@ -1,0 +1,214 @@
+"""Recovery: how long a worker restarted on a large spool of waiting messages takes to serve again, and its RSS.
+
+    python -m bench.recovery [--quick] [--messages N]
+
+Builds a spool of 1,000,000 small messages (100,000 with --quick) directly with engine.spool.Spool at
+spool_dir/transactional/0: msgpack envelopes, ~200-byte bodies, one recipient each over 100 domains, due
+in an hour, so every message is waiting, not ready. An empty spool, restarted the same way in the same run,
+is the baseline: what start-up alone costs in time and memory. Then starts `engine serve` on that spool_dir and times
+from the start of the command until the worker logs "recovered N messages" and until its listener answers
+EHLO; the worker's peak (VmHWM) and current (VmRSS) resident memory are read from /proc at that moment.
+The spool's pages are in the page cache (it was just written), as after a worker crash on a running node.
+
+Targets (issue 9): serving again within 30 s, RSS under 400 MB. Writes bench/results/recovery.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import re
+import shutil
+import signal
+import smtplib
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import Column, engine_command, free_port, print_table, tree_pids, write_results
+from engine.envelope import Envelope, Recipient, new_message_id
+from engine.spool import Spool
+
+BATCH = 20_000  # store() calls gathered at once: the spool commits them as one transaction
+DOMAINS = 100
+WAITING = 3600.0  # seconds until every recipient's next attempt
+BODY = b"Subject: waiting\r\nFrom: <bench@sender.test>\r\n\r\n" + b"x" * 150 + b"\r\n"
+TARGET_SERVING_S = 30.0
+TARGET_RSS_MB = 400.0
+RECOVERED = re.compile(r"^(\S+ \S+) transactional/0 INFO worker transactional/0 recovered (\d+) messages", re.M)
+
+CONFIG = """
+[engine]
+hostname = "mta.bench.test"
+spool_dir = "{spool}"
+log_dir = "{logs}"
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[routes]
+"*" = "127.0.0.1:9"
+
+[[listeners]]
+name = "tx"
+listen = "127.0.0.1:{port}"
+lane = "transactional"
+
+[egress.tx-1]
+source_address = "127.0.0.1"
+
+[lanes.transactional]
+workers = 1
+egress_pool = ["tx-1"]
+"""
+
+
+async def build_spool(path: Path, count: int) -> None:
+    """`count` waiting messages, stored in concurrent batches so each batch is one commit and one fsync."""
+    spool = Spool(path)
+    now = time.time()
+    try:
+        for start in range(0, count, BATCH):
+            stores = []
+            for n in range(start, min(count, start + BATCH)):
+                recipient = Recipient(f"user{n}@d{n % DOMAINS}.test", next_attempt=now + WAITING)
+                envelope = Envelope("bench@sender.test", [recipient], "transactional", now, len(BODY))
+                stores.append(spool.store(new_message_id(), envelope.pack(), BODY))
+            await asyncio.gather(*stores)
+    finally:
+        await spool.close()
+
+
+def worker_pid(supervisor: int) -> int | None:
+    for pid in tree_pids(supervisor):
+        try:
+            if b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """VmHWM (peak) and VmRSS (now) of one process, in MB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {name: int(fields[name].split()[0]) / 1024 for name in ("VmHWM", "VmRSS")}
+
+
+def wait_serving(port: int, process: subprocess.Popen, timeout: float) -> None:
+    """Returns once the listener greets and answers EHLO; one connection waits in the backlog meanwhile, so
+    the moment the worker starts serving is seen at once, not at the next poll."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("engine serve exited")
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=max(1.0, deadline - time.monotonic())) as client:
+                code, _ = client.ehlo("bench.test")
+                if code == 250:
+                    return
+        except (OSError, smtplib.SMTPException):
+            time.sleep(0.02)
+    raise RuntimeError(f"not serving after {timeout:.0f}s")
+
+
+def restart(directory: Path, count: int) -> dict[str, float]:
+    """Starts `engine serve` on the built spool; seconds to "recovered" and to EHLO, and the worker's memory."""
+    port = free_port()
+    config = directory / "engine.toml"
+    config.write_text(CONFIG.format(spool=directory / "spool", logs=directory / "logs", admin=free_port(), port=port))
+    stderr_path = directory / "engine.stderr"
+    with open(stderr_path, "wb") as stderr:
+        started_wall, started = time.time(), time.monotonic()
+        process = subprocess.Popen(engine_command("serve", "-c", str(config)), stderr=stderr, start_new_session=True)
+        try:
+            wait_serving(port, process, 300)
+            serving = time.monotonic() - started
+            pid = worker_pid(process.pid)
+            memory = memory_mb(pid) if pid else {"VmHWM": float("nan"), "VmRSS": float("nan")}
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+    log = stderr_path.read_text(errors="replace")
+    found = RECOVERED.search(log)
+    if found is None or int(found.group(2)) != count:
+        raise RuntimeError(f"the worker did not recover {count} messages:\n{log[-3000:]}")
+    stamp = datetime.datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return {
+        "recovered_s": stamp - started_wall,
+        "serving_s": serving,
+        "rss_peak_mb": memory["VmHWM"],
+        "rss_mb": memory["VmRSS"],
+    }
+
+
+COLUMNS = [
+    Column("messages", "messages", ">9,d"),
+    Column("build", "build_s", ">6.1f", " s"),
+    Column("spool on disk", "spool_mb", ">7.0f", " MB"),
+    Column("recovered", "recovered_s", ">6.2f", " s"),
+    Column("serving (EHLO)", "serving_s", ">6.2f", " s"),
+    Column("worker RSS peak", "rss_peak_mb", ">6.0f", " MB"),
+    Column("worker RSS", "rss_mb", ">6.0f", " MB"),
+    Column("RSS/message over empty", "rss_bytes_per_message", ">6.0f", " B"),
+]
+
+
+def measure(count: int) -> dict[str, float]:
+    """Builds a spool of `count` waiting messages in a fresh directory and restarts a worker on it."""
+    directory = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
+    try:
+        spool = directory / "spool" / "transactional" / "0"
+        began = time.monotonic()
+        asyncio.run(build_spool(spool, count))
+        build = time.monotonic() - began
+        spool_mb = (spool / "data.mdb").stat().st_blocks * 512 / 2**20
+        return {"messages": count, "build_s": build, "spool_mb": spool_mb, **restart(directory, count)}
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="100,000 messages")
+    parser.add_argument("--messages", type=int, help="messages in the spool (default 1,000,000)")
+    args = parser.parse_args()
+    count = args.messages or (100_000 if args.quick else 1_000_000)
+    empty, row = measure(0), measure(count)
+    row["rss_bytes_per_message"] = (row["rss_peak_mb"] - empty["rss_peak_mb"]) * 2**20 / count
+    row["recovery_over_empty_s"] = row["serving_s"] - empty["serving_s"]
+    print_table(COLUMNS, [empty, row])
+    met = {
+        "serving": row["serving_s"] <= TARGET_SERVING_S,
+        "rss": row["rss_peak_mb"] < TARGET_RSS_MB,
+    }
+    print(
+        f"\n{count:,} messages against an empty spool: serving {row['recovery_over_empty_s']:+.2f} s, "
+        f"peak RSS {row['rss_peak_mb'] / empty['rss_peak_mb']:.1f}x"
+    )
+    print(
+        f"targets: serving within {TARGET_SERVING_S:.0f} s {'met' if met['serving'] else 'NOT met'} "
+        f"({row['serving_s'] / TARGET_SERVING_S:.2f} of it), RSS under {TARGET_RSS_MB:.0f} MB "
+        f"{'met' if met['rss'] else 'NOT met'} ({row['rss_peak_mb'] / TARGET_RSS_MB:.2f} of it)"
+    )
+    write_results(
+        "recovery",
+        {
+            "quick": args.quick,
+            "targets": {"serving_s": TARGET_SERVING_S, "rss_mb": TARGET_RSS_MB},
+            "met": met,
+            "empty": empty,
+            "row": row,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
