@@ -4,11 +4,11 @@
 
 Builds a spool of 1,000,000 small messages (100,000 with --quick) directly with engine.spool.Spool at
 spool_dir/transactional/0: msgpack envelopes, ~200-byte bodies, one recipient each over 100 domains, due
-in an hour, so every message is waiting, not ready. An empty spool, restarted the same way in the same run,
-is the baseline: what start-up alone costs in time and memory. Then starts `engine serve` on that spool_dir and times
+in an hour, so every message is waiting, not ready. Then starts `engine serve` on that spool_dir and times
 from the start of the command until the worker logs "recovered N messages" and until its listener answers
 EHLO; the worker's peak (VmHWM) and current (VmRSS) resident memory are read from /proc at that moment.
 The spool's pages are in the page cache (it was just written), as after a worker crash on a running node.
+An empty spool, restarted the same way in the same run, is the baseline: what start-up alone costs.
 
 Targets (issue 9): serving again within 30 s, RSS under 400 MB. Writes bench/results/recovery.json.
 """
