@@ -9,6 +9,8 @@ from pathlib import Path
 
 import uvloop
 
+from engine.operator import add_commands as add_operator_commands
+
 
 def _check(args: argparse.Namespace) -> int:
     from engine.config import ConfigError
@@ -40,7 +42,7 @@ def _worker(args: argparse.Namespace) -> int:
     from engine.worker import run_worker
 
     fds = dict((name, int(fd)) for name, fd in (item.split("=", 1) for item in args.fd))
-    return run_worker(args.config, args.lane, args.index, fds)
+    return run_worker(args.config, args.lane, args.index, fds, args.control)
 
 
 def _sink(args: argparse.Namespace) -> int:
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--lane", required=True)
     worker.add_argument("--index", type=int, required=True)
     worker.add_argument("--fd", action="append", default=[], help="LISTENER=FD of an inherited socket")
+    worker.add_argument("--control", type=int, help="FD of the inherited control channel to the supervisor")
     worker.set_defaults(run=_worker)
 
     sink = commands.add_parser("sink", help="a fast SMTP sink for tests and benchmarks")
@@ -109,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--quiet", action="store_true", help="no progress bar")
     send.add_argument("--json", type=Path, help="also write the report as JSON to this file")
     send.set_defaults(run=_send)
+
+    add_operator_commands(commands)
 
     dkim = commands.add_parser("dkim", help="DKIM key management")
     dkim_commands = dkim.add_subparsers(dest="dkim_command", required=True)

@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
@@ -22,6 +23,7 @@ __all__ = [
     "BOUNCE_CLASSES",
     "Address",
     "AdminSettings",
+    "AlertSettings",
     "BounceRule",
     "BounceSettings",
     "ClusterSettings",
@@ -232,6 +234,12 @@ class ReputationSettings:
     feedback_address: str | None = None  # ARF reports (RFC 5965) mailed here count as complaints
 
 
+@dataclass(frozen=True, slots=True)
+class AlertSettings:
+    window: float = 60.0  # SLA percentiles and rates are computed over this sliding window
+    webhook: str | None = None  # alerts are also POSTed here as JSON
+
+
 @dataclass(frozen=True)
 class Config:
     source: Path | None
@@ -245,6 +253,7 @@ class Config:
     shaping: Mapping[str, Shaping]
     dkim: Mapping[str, DkimKey]
     cluster: ClusterSettings = field(default_factory=lambda: ClusterSettings(None))
+    alerts: AlertSettings = field(default_factory=AlertSettings)
     bounces: BounceSettings = field(default_factory=BounceSettings)
     reputation: ReputationSettings = field(default_factory=ReputationSettings)
 
@@ -477,6 +486,14 @@ def _redis_url(value: Any) -> str:
     return text
 
 
+def _webhook_url(value: Any) -> str:
+    text = _string(value).strip()
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"invalid URL {text!r}: expected http://HOST/... or https://HOST/...")
+    return text
+
+
 def _fraction(value: Any) -> float:
     """0.05 or "5%": a rate between 0 and 1."""
     if isinstance(value, str) and value.strip().endswith("%"):
@@ -557,6 +574,7 @@ _ROOT_KEYS = (
     "cluster",
     "bounces",
     "reputation",
+    "alerts",
 )
 
 _SHAPING_DEFAULT = Shaping(
@@ -653,11 +671,12 @@ class _Reader:
         shaping = self.shaping(raw.get("shaping", {}))
         dkim = self.dkim(raw.get("dkim", {}))
         cluster = self.cluster(raw.get("cluster", {}))
+        alerts = self.alerts(raw.get("alerts", {}))
         bounces = self.bounces(raw.get("bounces", {}))
         reputation = self.reputation(raw.get("reputation", {}))
         if self.errors:
             raise ConfigError(self.errors)
-        config = Config(None, engine, admin, dns, routes, listeners, lanes, egress, shaping, dkim, cluster)
+        config = Config(None, engine, admin, dns, routes, listeners, lanes, egress, shaping, dkim, cluster, alerts)
         return dataclasses.replace(config, bounces=bounces, reputation=reputation)
 
     def substitute_env(self, node: Any, path: KeyPath) -> Any:
@@ -968,6 +987,11 @@ class _Reader:
     def cluster(self, raw: Any) -> ClusterSettings:
         values = self.table(raw, ("cluster",), {"redis": _redis_url}) or {}
         return ClusterSettings(values.get("redis"))
+
+    def alerts(self, raw: Any) -> AlertSettings:
+        spec = {"window": _positive_duration, "webhook": _webhook_url}
+        values = self.table(raw, ("alerts",), spec) or {}
+        return AlertSettings(values.get("window", 60.0), values.get("webhook"))
 
     def bounces(self, raw: Any) -> BounceSettings:
         values = self.table(raw, ("bounces",), {"rules": _ListOf(lambda rule: rule, nonempty=False)}) or {}

@@ -18,12 +18,14 @@ from pathlib import Path
 import uvloop
 
 from engine.config import Config, ConfigError, load_config
+from engine.control import Channel, WorkerControl, read_init
 from engine.dispatch import Dispatcher, new_deliverers
 from engine.envelope import Envelope
 from engine.events import EventLog
 from engine.postmaster import Postmaster
 from engine.reception import ReceptionHandler
 from engine.resolver import Resolver
+from engine.shaping import attach_lane_table
 from engine.signing import DkimKeyError, DkimSigner
 from engine.smtp.server import SMTPServer
 from engine.spool import Spool
@@ -39,7 +41,15 @@ def spool_path(config: Config, lane: str, index: int) -> Path:
 
 
 class Worker:
-    def __init__(self, config: Config, config_path: Path | None, lane: str, index: int, sockets: Mapping) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path | None,
+        lane: str,
+        index: int,
+        sockets: Mapping,
+        control: Channel | None = None,
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.lane = config.lanes[lane]
@@ -48,6 +58,7 @@ class Worker:
         self.servers: list[SMTPServer] = []
         self.handlers: list[ReceptionHandler] = []
         self.stopped = asyncio.Event()
+        self.control = control
 
     async def run(self) -> None:
         config, lane = self.config, self.lane
@@ -56,9 +67,14 @@ class Worker:
         resolver = Resolver([(ns.host, ns.port) for ns in config.dns.nameservers], timeout=config.dns.timeout)
         self.signer = DkimSigner.from_config(config.dkim)
         signer = DkimSigner.from_config(config.dkim)
-        self.dispatcher = Dispatcher(config, lane, spool, events, new_deliverers(config, lane, resolver))
+        throttle = attach_lane_table(config, lane)
+        deliverers = new_deliverers(config, lane, resolver, throttle, self.index)
+        self.dispatcher = Dispatcher(config, lane, spool, events, deliverers, throttle=throttle, worker_id=self.index)
         self.postmaster = postmaster = Postmaster(config, lane, spool, events, self.dispatcher, signer)
         options = postmaster.reception_options()
+        control = None
+        if self.control is not None:
+            control = WorkerControl(self.dispatcher, events, resolver).attach(self.control)
         recovered = self._recover(spool)
         log.info("worker %s/%d recovered %d messages from its spool", lane.name, self.index, recovered)
         self.dispatcher.start()
@@ -87,6 +103,8 @@ class Worker:
             await deliverer.close()
         await postmaster.close()
         await spool.close()
+        if control is not None:
+            control.cancel()
         events.close()
 
     def _recover(self, spool: Spool) -> int:
@@ -125,13 +143,16 @@ class Worker:
         self.stopped.set()
 
 
-def run_worker(config_path: Path | None, lane: str, index: int, fds: Mapping[str, int]) -> int:
+def run_worker(
+    config_path: Path | None, lane: str, index: int, fds: Mapping[str, int], control_fd: int | None = None
+) -> int:
     """Entry point of `engine worker` (started by the supervisor, not by users)."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {lane}/{index} %(levelname)s %(message)s")
-    config = load_config(config_path)
+    control = read_init(socket.socket(fileno=control_fd)) if control_fd is not None else None
+    config = control.config if control is not None else load_config(config_path)
     sockets = {name: socket.socket(fileno=fd) for name, fd in fds.items()}
     for sock in sockets.values():
         sock.setblocking(False)
     os.setpriority(os.PRIO_PROCESS, 0, config.lanes[lane].nice)
-    uvloop.run(Worker(config, config_path, lane, index, sockets).run())
+    uvloop.run(Worker(config, config_path, lane, index, sockets, control).run())
     return 0

@@ -11,6 +11,7 @@ import pytest
 
 from engine.config import (
     Address,
+    AlertSettings,
     BounceRule,
     ConfigError,
     ListUnsubscribe,
@@ -738,3 +739,22 @@ def test_listener_connection_limits_and_timeouts(tmp_path: Path) -> None:
         "max_connections",
         "max_connections_per_ip",
     ]
+
+
+# --- [alerts] ---------------------------------------------------------------------------------------------
+
+
+def test_alerts_defaults_and_values(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")).alerts == AlertSettings(window=60.0, webhook=None)
+    config = load_config(write(tmp_path, '[alerts]\nwindow = "5m"\nwebhook = "https://hooks.example.net/engine"\n'))
+    assert config.alerts == AlertSettings(window=300.0, webhook="https://hooks.example.net/engine")
+
+
+def test_alerts_errors(tmp_path: Path) -> None:
+    text = '[alerts]\nwindow = "0s"\nwebhook = "ftp://example.net/x"\nrepeat = "1m"\n'
+    path = write(tmp_path, text)
+    errors = [error.removeprefix(f"{path}: ") for error in errors_of(path)]
+    assert len(errors) == 3
+    assert errors[0] == "alerts.window: must be more than zero, got '0s'"
+    assert errors[1].startswith("alerts.webhook: invalid URL 'ftp://example.net/x'")
+    assert errors[2].startswith("alerts.repeat: unknown key")
