@@ -8,6 +8,7 @@ idle one. Destination labels are limited to the deepest queues, so label sets st
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -110,10 +111,8 @@ class EventTally:
 
 
 def _coarse_bucket(seconds: float) -> int:
-    for index, bound in enumerate(LATENCY_BUCKETS):
-        if seconds <= bound:
-            return index
-    return len(LATENCY_BUCKETS)
+    """Index of the first Prometheus bucket whose bound is >= seconds (len(LATENCY_BUCKETS) = +Inf)."""
+    return bisect.bisect_left(LATENCY_BUCKETS, seconds)
 
 
 class _LatencyHistograms:
