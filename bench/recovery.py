@@ -6,7 +6,9 @@ Builds a spool of 1,000,000 small messages (100,000 with --quick) directly with 
 spool_dir/transactional/0: msgpack envelopes, ~200-byte bodies, one recipient each over 100 domains, due
 in an hour, so every message is waiting, not ready. Then starts `engine serve` on that spool_dir and times
 from the start of the command until the worker logs "recovered N messages" and until its listener answers
-EHLO; the worker's peak (VmHWM) and current (VmRSS) resident memory are read from /proc at that moment.
+EHLO; the worker's peak (VmHWM) and current (VmRSS) resident memory are read from /proc at that moment,
+with the current split into anonymous memory and mapped spool pages (listing the envelopes maps the
+whole LMDB file, bodies included, because its pages interleave and the kernel maps cached neighbours).
 The spool's pages are in the page cache (it was just written), as after a worker crash on a running node.
 An empty spool, restarted the same way in the same run, is the baseline: what start-up alone costs.
 
@@ -92,10 +94,14 @@ def worker_pid(supervisor: int) -> int | None:
     return None
 
 
+MEMORY = {"VmHWM": "rss_peak_mb", "VmRSS": "rss_mb", "RssAnon": "rss_anon_mb", "RssFile": "rss_file_mb"}
+
+
 def memory_mb(pid: int) -> dict[str, float]:
-    """VmHWM (peak) and VmRSS (now) of one process, in MB."""
+    """Peak and current RSS of one process, and the current split into anonymous memory and mapped file
+    pages (the LMDB spool map: clean page cache the kernel can take back), in MB."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return {name: int(fields[name].split()[0]) / 1024 for name in ("VmHWM", "VmRSS")}
+    return {key: int(fields[name].split()[0]) / 1024 for name, key in MEMORY.items()}
 
 
 def wait_serving(port: int, process: subprocess.Popen, timeout: float) -> None:
@@ -128,7 +134,9 @@ def restart(directory: Path, count: int) -> dict[str, float]:
             wait_serving(port, process, 300)
             serving = time.monotonic() - started
             pid = worker_pid(process.pid)
-            memory = memory_mb(pid) if pid else {"VmHWM": float("nan"), "VmRSS": float("nan")}
+            if pid is None:
+                raise RuntimeError("serving, but no worker process found")
+            memory = memory_mb(pid)
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -141,12 +149,7 @@ def restart(directory: Path, count: int) -> dict[str, float]:
     if found is None or int(found.group(2)) != count:
         raise RuntimeError(f"the worker did not recover {count} messages:\n{log[-3000:]}")
     stamp = datetime.datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-    return {
-        "recovered_s": stamp - started_wall,
-        "serving_s": serving,
-        "rss_peak_mb": memory["VmHWM"],
-        "rss_mb": memory["VmRSS"],
-    }
+    return {"recovered_s": stamp - started_wall, "serving_s": serving, **memory}
 
 
 COLUMNS = [
@@ -157,7 +160,10 @@ COLUMNS = [
     Column("serving (EHLO)", "serving_s", ">6.2f", " s"),
     Column("worker RSS peak", "rss_peak_mb", ">6.0f", " MB"),
     Column("worker RSS", "rss_mb", ">6.0f", " MB"),
-    Column("RSS/message over empty", "rss_bytes_per_message", ">6.0f", " B"),
+    Column("anon", "rss_anon_mb", ">6.0f", " MB"),
+    Column("spool map", "rss_file_mb", ">6.0f", " MB"),
+    Column("RSS/message", "rss_bytes_per_message", ">6.0f", " B"),
+    Column("anon/message", "anon_bytes_per_message", ">6.0f", " B"),
 ]
 
 
@@ -183,11 +189,13 @@ def main() -> None:
     count = args.messages or (100_000 if args.quick else 1_000_000)
     empty, row = measure(0), measure(count)
     row["rss_bytes_per_message"] = (row["rss_peak_mb"] - empty["rss_peak_mb"]) * 2**20 / count
+    row["anon_bytes_per_message"] = (row["rss_anon_mb"] - empty["rss_anon_mb"]) * 2**20 / count
     row["recovery_over_empty_s"] = row["serving_s"] - empty["serving_s"]
     print_table(COLUMNS, [empty, row])
     met = {
         "serving": row["serving_s"] <= TARGET_SERVING_S,
         "rss": row["rss_peak_mb"] < TARGET_RSS_MB,
+        "rss_anon": row["rss_anon_mb"] < TARGET_RSS_MB,
     }
     print(
         f"\n{count:,} messages against an empty spool: serving {row['recovery_over_empty_s']:+.2f} s, "
@@ -196,7 +204,8 @@ def main() -> None:
     print(
         f"targets: serving within {TARGET_SERVING_S:.0f} s {'met' if met['serving'] else 'NOT met'} "
         f"({row['serving_s'] / TARGET_SERVING_S:.2f} of it), RSS under {TARGET_RSS_MB:.0f} MB "
-        f"{'met' if met['rss'] else 'NOT met'} ({row['rss_peak_mb'] / TARGET_RSS_MB:.2f} of it)"
+        f"{'met' if met['rss'] else 'NOT met'} ({row['rss_peak_mb'] / TARGET_RSS_MB:.2f} of it; "
+        f"anonymous memory alone {row['rss_anon_mb'] / TARGET_RSS_MB:.2f} of it)"
     )
     write_results(
         "recovery",
