@@ -76,7 +76,7 @@ def _dkim_keygen(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engine", description="Lane-separated outbound mail delivery engine")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sub.add_argument("-c", "--config", type=Path, help="configuration file (default ./engine.toml)")
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         run=_check
     )
 
-    worker = with_config(commands.add_parser("worker", help=argparse.SUPPRESS))
+    worker = with_config(commands.add_parser("worker"))  # started by the supervisor; no help: not listed
     worker.add_argument("--lane", required=True)
     worker.add_argument("--index", type=int, required=True)
     worker.add_argument("--fd", action="append", default=[], help="LISTENER=FD of an inherited socket")
