@@ -1,6 +1,6 @@
 """Recovery: how long a worker restarted on a large spool of waiting messages takes to serve again, and its RSS.
 
-    python -m bench.recovery [--quick] [--messages N]
+    python -m bench.recovery [--quick] [--messages N] [--profile]
 
 Builds a spool of 1,000,000 small messages (100,000 with --quick) directly with engine.spool.Spool at
 spool_dir/transactional/0: msgpack envelopes, ~200-byte bodies, one recipient each over 100 domains, due
@@ -12,6 +12,9 @@ whole LMDB file, bodies included, because its pages interleave and the kernel ma
 The spool's pages are in the page cache (it was just written), as after a worker crash on a running node.
 An empty spool, restarted the same way in the same run, is the baseline: what start-up alone costs.
 
+`--profile` instead runs the worker's recovery (Worker._recover) in this process on the same spool, once
+under cProfile and once under tracemalloc, and prints where its time and its memory go.
+
 Targets (issue 9): serving again within 30 s, RSS under 400 MB. Writes bench/results/recovery.json.
 """
 
@@ -19,8 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import datetime
+import linecache
 import os
+import pstats
 import re
 import shutil
 import signal
@@ -28,11 +34,18 @@ import smtplib
 import subprocess
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 from bench.common import Column, engine_command, free_port, print_table, tree_pids, write_results
+from engine.config import load_config
+from engine.dispatch import Dispatcher, new_deliverers
 from engine.envelope import Envelope, Recipient, new_message_id
+from engine.events import EventLog
+from engine.resolver import Resolver
+from engine.shaping import attach_lane_table
 from engine.spool import Spool
+from engine.worker import Worker, spool_path
 
 BATCH = 20_000  # store() calls gathered at once: the spool commits them as one transaction
 DOMAINS = 100
@@ -121,11 +134,16 @@ def wait_serving(port: int, process: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"not serving after {timeout:.0f}s")
 
 
+def write_config(directory: Path, port: int) -> Path:
+    config = directory / "engine.toml"
+    config.write_text(CONFIG.format(spool=directory / "spool", logs=directory / "logs", admin=free_port(), port=port))
+    return config
+
+
 def restart(directory: Path, count: int) -> dict[str, float]:
     """Starts `engine serve` on the built spool; seconds to "recovered" and to EHLO, and the worker's memory."""
     port = free_port()
-    config = directory / "engine.toml"
-    config.write_text(CONFIG.format(spool=directory / "spool", logs=directory / "logs", admin=free_port(), port=port))
+    config = write_config(directory, port)
     stderr_path = directory / "engine.stderr"
     with open(stderr_path, "wb") as stderr:
         started_wall, started = time.time(), time.monotonic()
@@ -181,12 +199,61 @@ def measure(count: int) -> dict[str, float]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+async def recover_in_process(config_path: Path, tool: str) -> None:
+    """Sets a worker's dispatcher up as Worker.run does and runs its recovery under `tool`."""
+    config = load_config(config_path)
+    lane = config.lanes["transactional"]
+    spool = Spool(spool_path(config, lane.name, 0))
+    events = EventLog(config.engine.log_dir, "profile")
+    resolver = Resolver([(ns.host, ns.port) for ns in config.dns.nameservers], timeout=config.dns.timeout)
+    throttle = attach_lane_table(config, lane)
+    deliverers = new_deliverers(config, lane, resolver, throttle, 0)
+    worker = Worker(config, config_path, lane.name, 0, {})
+    worker.dispatcher = Dispatcher(config, lane, spool, events, deliverers, throttle=throttle)
+    try:
+        if tool == "time":
+            profiler = cProfile.Profile()
+            recovered = profiler.runcall(worker._recover, spool)
+            print(f"\n--- time: Worker._recover of {recovered:,} messages under cProfile")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
+        else:
+            tracemalloc.start()
+            recovered = worker._recover(spool)
+            snapshot = tracemalloc.take_snapshot()
+            tracemalloc.stop()
+            statistics = snapshot.statistics("lineno")
+            total = sum(stat.size for stat in statistics)
+            print(f"\n--- memory: {total / 2**20:.0f} MB allocated by Python and kept after recovering {recovered:,}")
+            for stat in statistics[:8]:
+                frame = stat.traceback[0]
+                line = linecache.getline(frame.filename, frame.lineno).strip()
+                print(f"{stat.size / recovered:6.0f} B/message {stat.count:>10,d} blocks  {frame}: {line}")
+    finally:
+        await spool.close()
+        events.close()
+
+
+def profile(count: int) -> None:
+    directory = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
+    try:
+        asyncio.run(build_spool(directory / "spool" / "transactional" / "0", count))
+        config = write_config(directory, free_port())
+        for tool in ("time", "memory"):
+            asyncio.run(recover_in_process(config, tool))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="100,000 messages")
     parser.add_argument("--messages", type=int, help="messages in the spool (default 1,000,000)")
+    parser.add_argument("--profile", action="store_true", help="where recovery time and memory go, in process")
     args = parser.parse_args()
     count = args.messages or (100_000 if args.quick else 1_000_000)
+    if args.profile:
+        profile(count)
+        return
     empty, row = measure(0), measure(count)
     row["rss_bytes_per_message"] = (row["rss_peak_mb"] - empty["rss_peak_mb"]) * 2**20 / count
     row["anon_bytes_per_message"] = (row["rss_anon_mb"] - empty["rss_anon_mb"]) * 2**20 / count
