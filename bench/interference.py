@@ -132,18 +132,21 @@ class RecordingSink:
             time.sleep(0.1)
         return True
 
-    def arrivals(self) -> tuple[list[float], list[float]]:
-        """(bulk arrival times, transactional latencies), from the recorded envelopes and messages."""
+    def arrivals(self) -> tuple[list[float], list[float], dict[str, list[str]]]:
+        """Bulk arrival times, transactional latencies, and the source addresses each kind came from."""
         bulk, latencies = [], []
+        peers: dict[str, set[str]] = {"transactional": set(), "bulk": set()}
         for path in self.directory.glob("*.json"):
             envelope = json.loads(path.read_text())
             if envelope["recipients"][0].startswith("tx-"):
                 message = path.with_suffix(".eml").read_bytes()
                 sent = float(message.split(b"X-Bench-Sent: ", 1)[1].split(b"\r\n", 1)[0])
                 latencies.append(envelope["received"] - sent)
+                peers["transactional"].add(envelope["peer"])
             else:
                 bulk.append(envelope["received"])
-        return sorted(bulk), sorted(latencies)
+                peers["bulk"].add(envelope["peer"])
+        return sorted(bulk), sorted(latencies), {kind: sorted(found) for kind, found in peers.items()}
 
     def stop(self) -> None:
         self.process.terminate()
@@ -208,7 +211,7 @@ def run_configuration(name: str, layout: str, bulk: int, transactional: int) -> 
         total = bulk + transactional
         if not sink.wait_messages(total, bulk / RATE * 2 + 120):
             raise RuntimeError(f"{name}: {sink.messages} of {total} messages arrived:\n{engine.log_text()}")
-        bulk_times, latencies = sink.arrivals()
+        bulk_times, latencies, peers = sink.arrivals()
     finally:
         engine.stop()
         sink.stop()
@@ -224,6 +227,8 @@ def run_configuration(name: str, layout: str, bulk: int, transactional: int) -> 
         "bulk_drained_s": bulk_times[-1] - blast_started,
         "bulk_injection_msgs_per_s": blast.report["messages_per_second"],
         "sink_messages_when_tx_done": delivered_when_tx_done,
+        "tx_from": ",".join(peers["transactional"]),
+        "bulk_from": ",".join(peers["bulk"]),
     }
 
 
@@ -238,6 +243,8 @@ COLUMNS = [
     Column("bulk drained", "bulk_drained_s", ">6.1f", " s"),
     Column("bulk injected", "bulk_injection_msgs_per_s", ">8.0f", "/s"),
     Column("at sink when tx done", "sink_messages_when_tx_done", ">6d"),
+    Column("tx from", "tx_from", "<10"),
+    Column("bulk from", "bulk_from", "<10"),
 ]
 
 

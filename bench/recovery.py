@@ -15,7 +15,8 @@ An empty spool, restarted the same way in the same run, is the baseline: what st
 `--profile` instead runs the worker's recovery (Worker._recover) in this process on the same spool, once
 under cProfile and once under tracemalloc, and prints where its time and its memory go.
 
-Targets (issue 9): serving again within 30 s, RSS under 400 MB. Writes bench/results/recovery.json.
+Targets (issue 9) at 1,000,000 messages: serving again within 30 s, RSS under 400 MB (a smaller run is
+judged on its cost over the empty spool, scaled to 1,000,000). Writes bench/results/recovery.json.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ BATCH = 20_000  # store() calls gathered at once: the spool commits them as one 
 DOMAINS = 100
 WAITING = 3600.0  # seconds until every recipient's next attempt
 BODY = b"Subject: waiting\r\nFrom: <bench@sender.test>\r\n\r\n" + b"x" * 150 + b"\r\n"
+TARGET_MESSAGES = 1_000_000
 TARGET_SERVING_S = 30.0
 TARGET_RSS_MB = 400.0
 RECOVERED = re.compile(r"^(\S+ \S+) transactional/0 INFO worker transactional/0 recovered (\d+) messages", re.M)
@@ -250,7 +252,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, help="messages in the spool (default 1,000,000)")
     parser.add_argument("--profile", action="store_true", help="where recovery time and memory go, in process")
     args = parser.parse_args()
-    count = args.messages or (100_000 if args.quick else 1_000_000)
+    count = args.messages or (100_000 if args.quick else TARGET_MESSAGES)
     if args.profile:
         profile(count)
         return
@@ -259,26 +261,32 @@ def main() -> None:
     row["anon_bytes_per_message"] = (row["rss_anon_mb"] - empty["rss_anon_mb"]) * 2**20 / count
     row["recovery_over_empty_s"] = row["serving_s"] - empty["serving_s"]
     print_table(COLUMNS, [empty, row])
-    met = {
-        "serving": row["serving_s"] <= TARGET_SERVING_S,
-        "rss": row["rss_peak_mb"] < TARGET_RSS_MB,
-        "rss_anon": row["rss_anon_mb"] < TARGET_RSS_MB,
-    }
     print(
         f"\n{count:,} messages against an empty spool: serving {row['recovery_over_empty_s']:+.2f} s, "
         f"peak RSS {row['rss_peak_mb'] / empty['rss_peak_mb']:.1f}x"
     )
+    # The targets are for TARGET_MESSAGES: a smaller run is judged on its per-message cost scaled up.
+    scale = TARGET_MESSAGES / count
+    judged = ("serving_s", "rss_peak_mb", "rss_anon_mb")
+    at_target = {key: empty[key] + (row[key] - empty[key]) * scale for key in judged}
+    met = {
+        "serving": at_target["serving_s"] <= TARGET_SERVING_S,
+        "rss": at_target["rss_peak_mb"] < TARGET_RSS_MB,
+        "rss_anon": at_target["rss_anon_mb"] < TARGET_RSS_MB,
+    }
     print(
-        f"targets: serving within {TARGET_SERVING_S:.0f} s {'met' if met['serving'] else 'NOT met'} "
-        f"({row['serving_s'] / TARGET_SERVING_S:.2f} of it), RSS under {TARGET_RSS_MB:.0f} MB "
-        f"{'met' if met['rss'] else 'NOT met'} ({row['rss_peak_mb'] / TARGET_RSS_MB:.2f} of it; "
-        f"anonymous memory alone {row['rss_anon_mb'] / TARGET_RSS_MB:.2f} of it)"
+        f"targets at {TARGET_MESSAGES:,} messages{'' if scale == 1 else ' (projected)'}: "
+        f"serving within {TARGET_SERVING_S:.0f} s {'met' if met['serving'] else 'NOT met'} "
+        f"({at_target['serving_s']:.1f} s), RSS under {TARGET_RSS_MB:.0f} MB "
+        f"{'met' if met['rss'] else 'NOT met'} ({at_target['rss_peak_mb']:.0f} MB; "
+        f"anonymous memory alone {at_target['rss_anon_mb']:.0f} MB)"
     )
     write_results(
         "recovery",
         {
             "quick": args.quick,
-            "targets": {"serving_s": TARGET_SERVING_S, "rss_mb": TARGET_RSS_MB},
+            "targets": {"messages": TARGET_MESSAGES, "serving_s": TARGET_SERVING_S, "rss_mb": TARGET_RSS_MB},
+            "at_target": at_target,
             "met": met,
             "empty": empty,
             "row": row,
