@@ -453,6 +453,9 @@ class Deliverer:
         session.deliveries += 1
         try:
             mail, rcpt_replies, final = await conn.send_message(sender, recipients, message)
+        except ValueError as exc:
+            session.deliveries -= 1
+            return dict.fromkeys(recipients, Response(554, "5.6.0", f"message cannot be sent as SMTP data: {exc}"))
         except SMTPClientError as exc:
             if reused and (not exc.replies or exc.replies[0].code == 421):
                 raise _Stale from None

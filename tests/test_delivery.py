@@ -819,3 +819,17 @@ def test_reload_applies_new_shaping_to_open_sessions(
         assert len(mx.peers) == 1
 
     run(scenario)
+
+
+def test_unsendable_message_bounces_instead_of_raising(make: Callable[..., Deliverer], run: Runner) -> None:
+    async def scenario() -> None:
+        mx = FakeMx()
+        port = await mx.start()
+        deliverer = make(routes={"dest.test": f"127.0.0.1:{port}"})
+        attempt = await send(deliverer, ["b@dest.test"], b"Subject: x\r\n\r\n" + b"y" * 1500 + b"\r\n")
+        await deliverer.close()
+        await mx.stop()
+        assert (attempt.responses["b@dest.test"].code, attempt.responses["b@dest.test"].enhanced) == (554, "5.6.0")
+        assert not mx.messages
+
+    run(scenario)
