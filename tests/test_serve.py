@@ -19,6 +19,7 @@ def engine_config(sink: Sink, tx_port: int, bulk_port: int, admin_port: int, ext
     return f"""
 [engine]
 hostname = "mta.test"
+secret = "test-secret"
 spool_dir = "spool"
 log_dir = "logs"
 
