@@ -65,7 +65,6 @@ class Worker:
         spool = Spool(spool_path(config, lane.name, self.index))
         events = EventLog(config.engine.log_dir, f"{lane.name}-{self.index}")
         resolver = Resolver([(ns.host, ns.port) for ns in config.dns.nameservers], timeout=config.dns.timeout)
-        self.signer = DkimSigner.from_config(config.dkim)
         signer = DkimSigner.from_config(config.dkim)
         throttle = attach_lane_table(config, lane)
         deliverers = new_deliverers(config, lane, resolver, throttle, self.index)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
+from playwright import sync_api as playwright
 
 from tests.control_plane import TOKEN, recipients_at, send, start_engine
 from tests.harness import Sink, wait_for
 
-playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
     "--headless",
@@ -21,7 +20,6 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="apt-get install chromium")
 
 
 def test_dashboard_shows_lanes_side_by_side_with_live_numbers(tmp_path: Path) -> None:
