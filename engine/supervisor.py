@@ -25,10 +25,12 @@ from aiohttp import web
 
 from engine.admin.app import create_app
 from engine.admin.store import Rule, SuspensionStore
+from engine.compliance import load_secret
 from engine.config import Config, ConfigError, Listener, load_config
 from engine.control import ControlClient, ControlError, channel_pair, send_init
 from engine.events import EventLog
 from engine.metrics import EngineMetrics
+from engine.reputation import ComplaintLog, complaint_log_path
 from engine.shaping import create_lane_table
 from engine.signing import DkimKeyError, DkimSigner
 from engine.sla import SlaMonitor, Webhook
@@ -90,6 +92,8 @@ class Supervisor:
         self.webhook = Webhook(config.alerts.webhook) if config.alerts.webhook else None
         self.events: EventLog | None = None
         self.suppression: SuppressionList | None = None
+        self.complaints: ComplaintLog | None = None
+        self.secret = b""
         self._queue_view: tuple[float, list[dict]] = (0.0, [])
 
     async def run(self) -> int:
@@ -110,6 +114,8 @@ class Supervisor:
         # Workers start while the admin server starts: they read the configuration file as it is now.
         self.events = EventLog(self.config.engine.log_dir, "supervisor")
         self.suppression = SuppressionList(suppression_path(self.config.engine.spool_dir))
+        self.complaints = ComplaintLog(complaint_log_path(self.config.engine.spool_dir))
+        self.secret = load_secret(self.config)
         admin = web.AppRunner(create_app(self), access_log=None)
         await admin.setup()
         listen = self.config.admin.listen
@@ -127,6 +133,7 @@ class Supervisor:
         if self.webhook is not None:
             await self.webhook.close()
         self.suppression.close()
+        self.complaints.close()
         self.events.close()
         for sock in self.sockets.values():
             sock.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import email
 import email.policy
-import importlib.util
+import json
 import re
 import smtplib
 import subprocess
@@ -25,6 +25,7 @@ import pytest
 from engine.compliance import verify_token
 from engine.signing import generate_key
 from engine.suppression import SuppressionList, suppression_path
+from tests.arf import arf_report
 from tests.dnsserver import DnsServer
 from tests.harness import Engine, Sink, free_port, wait_for
 
@@ -259,37 +260,59 @@ def test_mail_to_the_mailto_address_unsubscribes(world: World) -> None:
     assert not [e for e, _ in world.sink.messages() if "unsubscribe@mta.test" in e["recipients"]]
 
 
-def _admin_has_unsubscribe() -> bool:
-    spec = importlib.util.find_spec("engine.admin.app")
-    return spec is not None and "/unsubscribe/" in Path(spec.origin).read_text()
+def admin_request(world: World, path: str, body: bytes | None = None, **headers: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{world.admin}{path}", data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
 
 
-@pytest.mark.skipif(not _admin_has_unsubscribe(), reason="admin endpoint POST /unsubscribe/{token} not built yet")
+def is_suppressed(world: World, address: str, tenant: str) -> bool:
+    suppressed = SuppressionList(suppression_path(world.engine.directory / "spool"))
+    try:
+        return suppressed.contains(address, tenant)
+    finally:
+        suppressed.close()
+
+
 def test_one_click_endpoint(world: World) -> None:
     send(world.bulk, "news@example.net", ["kim@dest.test"], message("one click first", "winter"))
     wait_for(lambda: arrived(world.sink, "one click first"), 15, what="first message")
     token = token_of(arrived(world.sink, "one click first")["kim@dest.test"])
 
-    def post(path: str) -> int:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{world.admin}{path}", data=b"List-Unsubscribe=One-Click", method="POST"
-        )
-        request.add_header("Content-Type", "application/x-www-form-urlencoded")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status
-        except urllib.error.HTTPError as error:
-            return error.code
+    def post(path: str, body: bytes = b"List-Unsubscribe=One-Click") -> int:
+        return admin_request(world, path, body, **{"Content-Type": "application/x-www-form-urlencoded"})[0]
 
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     assert post(f"/unsubscribe/{forged}") == 400
     assert post("/unsubscribe/not-a-token") == 400
+    assert post(f"/unsubscribe/{token}", b"List-Unsubscribe=Maybe") == 400
+    status, page = admin_request(world, f"/unsubscribe/{token}")  # a link scanner, or a person who clicks
+    assert status == 200 and b"kim@dest.test" in page and b'method="post"' in page
+    assert admin_request(world, f"/unsubscribe/{forged}")[0] == 400
+    assert not is_suppressed(world, "kim@dest.test", "acme")
     assert post(f"/unsubscribe/{token}") == 200
+    assert is_suppressed(world, "kim@dest.test", "acme")
     send(world.bulk, "news@example.net", ["kim@dest.test", "lee@dest.test"], message("one click later", "winter"))
     wait_for(lambda: suppressed_records(world, "kim@dest.test"), 10, what="Suppressed record")
     wait_for(lambda: "lee@dest.test" in arrived(world.sink, "one click later"), 15, what="lee's copy")
     time.sleep(0.5)
     assert "kim@dest.test" not in arrived(world.sink, "one click later")
+
+
+def test_complaint_posted_to_the_api_suppresses(world: World) -> None:
+    send(world.bulk, "news@example.net", ["max@dest.test"], message("complained about", "autumn"))
+    wait_for(lambda: arrived(world.sink, "complained about"), 15, what="the message")
+    original = arrived(world.sink, "complained about")["max@dest.test"]
+    report = arf_report(original)
+    assert admin_request(world, "/api/v1/complaints", b"not a report")[0] == 400
+    status, body = admin_request(world, "/api/v1/complaints", report, **{"Content-Type": "message/rfc822"})
+    assert status == 200, body
+    expected = {"recipient": "max@dest.test", "tenant": "acme", "campaign": "autumn", "suppressed": True}
+    assert json.loads(body) == expected
+    assert is_suppressed(world, "max@dest.test", "acme")
 
 
 def test_reputation_guard_suspends_a_campaign_with_too_many_hard_bounces(world: World) -> None:

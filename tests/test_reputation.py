@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import email
 import subprocess
 import sys
-from email.mime.base import MIMEBase
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
 from pathlib import Path
 
 import pytest
@@ -24,6 +20,7 @@ from engine.reputation import ComplaintLog, ReputationGuard, _Window, parse_arf
 from engine.signing import DkimSigner
 from engine.spool import Spool
 from engine.throttle import ThrottleTable
+from tests.arf import arf_report
 
 SETTINGS = ReputationSettings(window=3600.0, min_messages=20, max_bounce_rate=0.05, max_complaint_rate=0.01)
 
@@ -117,28 +114,6 @@ def test_complaints_above_the_limit_suspend(dispatcher: Dispatcher) -> None:
     guard.complaint("acme", "spring")
     (alert,) = alerts
     assert alert["complaint_rate"] == pytest.approx(0.02) and "complaint rate" in alert["message"]
-
-
-def arf_report(original: bytes, *, as_headers: bool = False) -> bytes:
-    report = MIMEMultipart("report", report_type="feedback-report")
-    report["From"] = "fbl@isp.test"
-    report["To"] = "fbl@mta.test"
-    report["Subject"] = "FW: spring news"
-    report.attach(MIMEText("This is an email abuse report for an email message received from IP 127.0.0.3"))
-    fields = MIMEBase("message", "feedback-report")
-    fields.set_payload(
-        "Feedback-Type: abuse\r\nUser-Agent: SomeGenerator/1.0\r\nVersion: 1\r\n"
-        "Original-Mail-From: <news@example.net>\r\nOriginal-Rcpt-To: <bob@dest.test>\r\n"
-    )
-    report.attach(fields)
-    if as_headers:
-        part = MIMEBase("text", "rfc822-headers")
-        part.set_payload(original.partition(b"\r\n\r\n")[0].decode() + "\r\n")
-    else:
-        part = MIMEBase("message", "rfc822")
-        part.set_payload([email.message_from_bytes(original)])
-    report.attach(part)
-    return report.as_bytes()
 
 
 ORIGINAL = (

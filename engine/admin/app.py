@@ -1,8 +1,9 @@
-"""The admin HTTP server of the supervisor (SPEC.md "Admin API"): /metrics, /api/v1/*, the dashboard at /.
+"""The admin HTTP server of the supervisor (SPEC.md "Admin API"): /metrics, /api/v1/*, the dashboard at /,
+and the one-click unsubscribe endpoint /unsubscribe/{token} (RFC 8058) that bulk mail links to.
 
-Every /api/v1 call needs `Authorization: Bearer TOKEN` when `[admin] token` is set; errors are JSON
-objects `{"error": reason}`. Handlers only read supervisor state or ask workers over their control
-channels; no message content passes through here.
+Every /api/v1 call needs `Authorization: Bearer TOKEN` when `[admin] token` is set; /unsubscribe needs none
+(the HMAC token is the credential). Errors are JSON objects `{"error": reason}`. Handlers read supervisor
+state, write the shared suppression and complaint stores, or ask workers over their control channels.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import html
 import json
 import os
 import time
@@ -21,6 +23,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.admin.store import Rule
+from engine.compliance import InvalidToken, verify_token
+from engine.reputation import record_complaint
 from engine.units import parse_duration
 
 if TYPE_CHECKING:
@@ -86,6 +90,9 @@ def create_app(supervisor: Supervisor) -> web.Application:
     app.router.add_get(f"{API}/suppression", list_suppressed)
     app.router.add_post(f"{API}/suppression", add_suppressed)
     app.router.add_delete(f"{API}/suppression", remove_suppressed)
+    app.router.add_post(f"{API}/complaints", complaint)
+    app.router.add_get("/unsubscribe/{token}", unsubscribe_page)
+    app.router.add_post("/unsubscribe/{token}", unsubscribe)
     return app
 
 
@@ -298,6 +305,63 @@ async def remove_suppressed(request: web.Request) -> web.Response:
     if not await _blocking(request.app[SUPERVISOR].suppression.remove, address, tenant):
         raise ApiError(404, f"{address} is not suppressed{f' for tenant {tenant}' if tenant else ''}")
     return web.json_response({"removed": address, "tenant": tenant})
+
+
+async def complaint(request: web.Request) -> web.Response:
+    """An ARF report (RFC 5965) as the raw message body, for feedback loops delivered by webhook: the
+    recipient is suppressed for the tenant and the complaint counts against the campaign in every worker."""
+    supervisor = request.app[SUPERVISOR]
+    report = await request.read()
+    if not report:
+        raise ApiError(400, "the body must be the ARF report (a multipart/report message)")
+    found = await _blocking(record_complaint, report, supervisor.secret, supervisor.suppression, supervisor.complaints)
+    if found is None:
+        raise ApiError(400, "not an ARF report about a message this engine sent (no valid unsubscribe token in it)")
+    recipient, tenant, campaign = found
+    return web.json_response({"recipient": recipient, "tenant": tenant, "campaign": campaign, "suppressed": True})
+
+
+def unsubscribe_token(request: web.Request) -> tuple[str, str | None, str | None]:
+    try:
+        return verify_token(request.app[SUPERVISOR].secret, request.match_info["token"])
+    except InvalidToken as error:
+        raise ApiError(400, f"invalid unsubscribe token: {error}") from None
+
+
+async def unsubscribe(request: web.Request) -> web.Response:
+    """RFC 8058 one-click: the body must say `List-Unsubscribe=One-Click` (form-encoded or multipart)."""
+    recipient, tenant, campaign = unsubscribe_token(request)
+    form = await request.post()
+    if form.get("List-Unsubscribe") != "One-Click":
+        raise ApiError(400, "the body must be List-Unsubscribe=One-Click (RFC 8058)")
+    reason = f"one-click unsubscribe{f' from campaign {campaign}' if campaign else ''}"
+    await _blocking(request.app[SUPERVISOR].suppression.add, recipient, tenant, reason)
+    if "text/html" in request.headers.get("Accept", ""):  # the confirmation page's button, in a browser
+        page = UNSUBSCRIBED_PAGE.format(address=html.escape(recipient))
+        return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
+    return web.json_response({"unsubscribed": recipient, "tenant": tenant, "campaign": campaign})
+
+
+async def unsubscribe_page(request: web.Request) -> web.Response:
+    """A person who opens the link sees a button; only its POST unsubscribes (link scanners GET links)."""
+    recipient, _, _ = unsubscribe_token(request)
+    page = UNSUBSCRIBE_PAGE.format(address=html.escape(recipient))
+    return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+
+UNSUBSCRIBE_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Unsubscribe</title></head>
+<body><form method="post">
+<p>Stop sending this mail to {address}?</p>
+<input type="hidden" name="List-Unsubscribe" value="One-Click">
+<button type="submit">Unsubscribe</button>
+</form></body></html>
+"""
+
+UNSUBSCRIBED_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Unsubscribed</title></head>
+<body><p>{address} is unsubscribed.</p></body></html>
+"""
 
 
 def valid_address(value: Any) -> str:
