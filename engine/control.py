@@ -5,7 +5,9 @@ The supervisor keeps one end and passes the other to the worker as an inherited 
 supervisor validated (so a worker restarted after someone broke engine.toml still runs the good one) and the
 lane's operator suspensions, which the worker applies before it recovers its spool, so nothing suspended
 slips out after a restart. After that the supervisor sends requests `{"id", "op", "args"}` and the worker
-answers each with `{"id", "result"}` or `{"id", "error"}`. Only control data crosses it, never message bytes.
+answers each with `{"id", "result"}` or `{"id", "error"}`. A worker may also send a notice `{"notice", "args"}`
+unasked, for what must reach the whole lane (a campaign its reputation guard suspended). Only control data
+crosses it, never message bytes.
 """
 
 from __future__ import annotations
@@ -89,10 +91,35 @@ def read_init(sock: socket.socket) -> Channel:
         sock.settimeout(None)
 
 
-async def serve(sock: socket.socket, handlers: dict[str, Handler], unpacker: msgpack.Unpacker) -> None:
-    """Worker side: answers requests until the supervisor closes its end."""
+class Outbox:
+    """Frames a worker sends unasked; those made before the channel is connected wait for it."""
+
+    def __init__(self) -> None:
+        self._writer: asyncio.StreamWriter | None = None
+        self._waiting: list[bytes] = []
+
+    def connect(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        for frame in self._waiting:
+            writer.write(frame)
+        self._waiting.clear()
+
+    def notice(self, kind: str, **args: Any) -> None:
+        frame = _pack({"notice": kind, "args": args})
+        if self._writer is None:
+            self._waiting.append(frame)
+        elif not self._writer.is_closing():
+            self._writer.write(frame)
+
+
+async def serve(
+    sock: socket.socket, handlers: dict[str, Handler], unpacker: msgpack.Unpacker, outbox: Outbox | None = None
+) -> None:
+    """Worker side: answers requests until the supervisor closes its end; `outbox` sends over the same end."""
     sock.setblocking(False)
     reader, writer = await asyncio.open_connection(sock=sock)
+    if outbox is not None:
+        outbox.connect(writer)
     try:
         while True:
             for frame in unpacker:
@@ -120,11 +147,16 @@ async def _answer(handlers: dict[str, Handler], frame: dict) -> dict:
     return {"id": request_id, "result": result}
 
 
-class ControlClient:
-    """Supervisor side of one worker's channel: `await call(op, **args)`, answers matched by id."""
+Notice = Callable[[str, dict], None]
 
-    def __init__(self, sock: socket.socket) -> None:
+
+class ControlClient:
+    """Supervisor side of one worker's channel: `await call(op, **args)`, answers matched by id; the worker's
+    notices go to `on_notice(kind, args)`."""
+
+    def __init__(self, sock: socket.socket, on_notice: Notice | None = None) -> None:
         self._sock = sock
+        self._on_notice = on_notice
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._writer: asyncio.StreamWriter | None = None
@@ -167,6 +199,9 @@ class ControlClient:
             while data := await reader.read(READ_SIZE):
                 unpacker.feed(data)
                 for frame in unpacker:
+                    if "notice" in frame:
+                        self._notice(frame)
+                        continue
                     future = self._pending.get(frame.get("id"))
                     if future is not None and not future.done():
                         future.set_result(frame)
@@ -176,6 +211,14 @@ class ControlClient:
             log.warning("control channel broken: %s", error)
         finally:
             self._fail_pending()
+
+    def _notice(self, frame: dict) -> None:
+        if self._on_notice is None:
+            return
+        try:
+            self._on_notice(frame["notice"], frame.get("args") or {})
+        except Exception:
+            log.exception("worker notice %r failed", frame.get("notice"))
 
     def _fail_pending(self) -> None:
         self.closed = True
@@ -201,6 +244,7 @@ class WorkerControl:
     def __init__(self, dispatcher: Any, events: Any, resolver: Any) -> None:
         self.dispatcher = dispatcher
         self.resolver = resolver
+        self.outbox = Outbox()
         self.tally = EventTally()
         events.subscribers.append(self.tally)
         self._dns_seen = dict(resolver.stats)
@@ -227,4 +271,10 @@ class WorkerControl:
         """Applies the init frame's suspensions (call before recovering the spool), then serves requests."""
         for args in channel.suspensions:
             self.dispatcher.suspend(**args)
-        return asyncio.get_running_loop().create_task(serve(channel.sock, self.handlers(), channel.unpacker))
+        serving = serve(channel.sock, self.handlers(), channel.unpacker, self.outbox)
+        return asyncio.get_running_loop().create_task(serving)
+
+    def suspend_lane(self, rule_id: str, **args: Any) -> None:
+        """Suspends here at once, and asks the supervisor to make the rule lane-wide and durable."""
+        self.dispatcher.suspend(rule_id, **args)
+        self.outbox.notice("suspend", rule_id=rule_id, **args)

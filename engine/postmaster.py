@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from engine.bounces import HARD_CLASSES
 from engine.compliance import find_token, load_secret
@@ -36,8 +37,17 @@ MAX_SCANNED_BYTES = 64 << 10  # an unsubscribe token is looked for in this much 
 
 class Postmaster:
     def __init__(
-        self, config: Config, lane: Lane, spool: Spool, events: EventLog, dispatcher: Dispatcher, signer: DkimSigner
+        self,
+        config: Config,
+        lane: Lane,
+        spool: Spool,
+        events: EventLog,
+        dispatcher: Dispatcher,
+        signer: DkimSigner,
+        *,
+        suspend: Callable[..., None] | None = None,
     ) -> None:
+        """`suspend` is how the reputation guard suspends a campaign (default: this worker's dispatcher)."""
         self._config = config
         self._lane = lane
         self._spool = spool
@@ -46,7 +56,7 @@ class Postmaster:
         self.secret = load_secret(config)
         self.suppression = SuppressionList(suppression_path(config.engine.spool_dir))
         self.complaints = ComplaintLog(complaint_log_path(config.engine.spool_dir))
-        self.guard = ReputationGuard(config.reputation, lane.name, dispatcher, events.emit)
+        self.guard = ReputationGuard(config.reputation, lane.name, dispatcher, events.emit, suspend=suspend)
         self._injector = Injector(spool, events, dispatcher)
         if self._bulk:
             dispatcher.suppression = self.suppression
@@ -67,9 +77,12 @@ class Postmaster:
         self._mailboxes.update(self._own_addresses())
         return self._mailboxes
 
-    def reload(self, config: Config, lane: Lane) -> None:
-        """SIGHUP: new thresholds, DSN switch, unsubscribe and feedback addresses."""
+    def reload(self, config: Config, lane: Lane, signer: DkimSigner | None = None) -> None:
+        """SIGHUP: new thresholds, DSN switch, unsubscribe and feedback addresses; with `signer`, the
+        reloaded DKIM keys, so DSNs written from now on are signed like the mail received from now on."""
         self._config, self._lane = config, lane
+        if signer is not None:
+            self._signer = signer
         self.guard.settings = config.reputation
         self.mailboxes()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -95,6 +96,7 @@ class Supervisor:
         self.complaints: ComplaintLog | None = None
         self.secret = b""
         self._queue_view: tuple[float, list[dict]] = (0.0, [])
+        self._notices: set[asyncio.Task] = set()
 
     async def run(self) -> int:
         # Signals first: once a listener accepts, a script may already send SIGHUP or SIGTERM.
@@ -157,7 +159,7 @@ class Supervisor:
         while not self.stopping.is_set():
             supervisor_end, worker_end = channel_pair()
             send_init(supervisor_end, self.config, [rule.worker_args() for rule in self.suspensions.active(slot.lane)])
-            slot.control = ControlClient(supervisor_end)
+            slot.control = ControlClient(supervisor_end, functools.partial(self._notice, slot.lane))
             command, fds = self._worker_command(slot, worker_end.fileno())
             try:
                 slot.process = await asyncio.create_subprocess_exec(*command, pass_fds=fds)
@@ -315,6 +317,45 @@ class Supervisor:
         rows = sorted(merged.values(), key=lambda row: (-row["queued"], row["lane"], row["domain"]))
         self._queue_view = (time.monotonic(), rows)
         return rows
+
+    def _notice(self, lane: str, kind: str, args: dict) -> None:
+        if kind != "suspend":
+            log.warning("unknown notice %r from a %s worker", kind, lane)
+            return
+        task = asyncio.get_running_loop().create_task(self.adopt_suspension(lane, **args))
+        self._notices.add(task)
+        task.add_done_callback(self._notices.discard)
+
+    async def adopt_suspension(
+        self,
+        lane: str,
+        *,
+        rule_id: str,
+        domain: str | None = None,
+        campaign: str | None = None,
+        tenant: str | None = None,
+        until: float | None = None,
+        reason: str = "",
+    ) -> Rule:
+        """A suspension one worker made (its reputation guard tripped) becomes the lane's: stored, so it
+        outlives restarts, and sent to the lane's other workers; resuming it by API reaches them all."""
+        rule = self.suspensions.rules.get(rule_id)
+        if rule is not None:
+            return rule
+        duration = None if until is None else max(0.001, until - time.time())
+        rule = self.suspensions.add(
+            lane=lane,
+            domain=domain,
+            campaign=campaign,
+            tenant=tenant,
+            duration=duration,
+            reason=reason,
+            rule_id=rule_id,
+        )
+        await self.fan_out(lane, "suspend", **rule.worker_args())
+        self._queue_view = (0.0, [])
+        log.warning("suspension %s made lane-wide: %s", rule.id, reason)
+        return rule
 
     async def suspend(
         self,

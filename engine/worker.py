@@ -69,11 +69,18 @@ class Worker:
         throttle = attach_lane_table(config, lane)
         deliverers = new_deliverers(config, lane, resolver, throttle, self.index)
         self.dispatcher = Dispatcher(config, lane, spool, events, deliverers, throttle=throttle, worker_id=self.index)
-        self.postmaster = postmaster = Postmaster(config, lane, spool, events, self.dispatcher, signer)
+        worker_control = WorkerControl(self.dispatcher, events, resolver) if self.control is not None else None
+        self.postmaster = postmaster = Postmaster(
+            config,
+            lane,
+            spool,
+            events,
+            self.dispatcher,
+            signer,
+            suspend=worker_control.suspend_lane if worker_control is not None else None,
+        )
         options = postmaster.reception_options()
-        control = None
-        if self.control is not None:
-            control = WorkerControl(self.dispatcher, events, resolver).attach(self.control)
+        control = worker_control.attach(self.control) if worker_control is not None else None
         recovered = self._recover(spool)
         log.info("worker %s/%d recovered %d messages from its spool", lane.name, self.index, recovered)
         self.dispatcher.start()
@@ -129,7 +136,7 @@ class Worker:
             return
         self.config, self.lane = config, lane
         self.dispatcher.reload(config, lane)
-        self.postmaster.reload(config, lane)
+        self.postmaster.reload(config, lane, signer)
         for handler in self.handlers:
             handler.signer = signer
         log.info("worker %s/%d reloaded routes and shaping", lane.name, self.index)

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from engine.config import load_config
-from engine.control import ControlClient, ControlError, channel_pair, read_init, send_init, serve
+from engine.control import ControlClient, ControlError, Outbox, channel_pair, read_init, send_init, serve
 
 
 def run(coroutine):
@@ -66,3 +66,24 @@ def test_a_worker_end_without_init_is_refused() -> None:
     supervisor_end.close()
     with pytest.raises(ControlError, match="closed before the init frame"):
         read_init(worker_end)
+
+
+def test_worker_notices_reach_the_supervisor_even_when_made_before_the_channel_is_up() -> None:
+    async def scenario() -> None:
+        supervisor_end, worker_end = channel_pair()
+        send_init(supervisor_end, load_config(None), [])
+        notices: list[tuple[str, dict]] = []
+        client = ControlClient(supervisor_end, lambda kind, args: notices.append((kind, args)))
+        await client.start()
+        channel = read_init(worker_end)
+        outbox = Outbox()
+        outbox.notice("suspend", rule_id="early")
+        server = asyncio.ensure_future(serve(channel.sock, {"echo": lambda value: value}, channel.unpacker, outbox))
+        assert await client.call("echo", value=1) == 1
+        outbox.notice("suspend", rule_id="late")
+        assert await client.call("echo", value=2) == 2  # answers come after the notice sent before them
+        assert notices == [("suspend", {"rule_id": "early"}), ("suspend", {"rule_id": "late"})]
+        server.cancel()
+        await client.close()
+
+    run(scenario())

@@ -59,10 +59,12 @@ class SuspensionStore:
         tenant: str | None,
         duration: float | None,
         reason: str,
+        rule_id: str | None = None,
     ) -> Rule:
+        """`rule_id` keeps the name a worker gave a rule it made itself (a reputation suspension)."""
         now = time.time()
         until = None if duration is None else now + duration
-        rule = Rule(uuid.uuid4().hex[:12], lane, domain, campaign, tenant, until, reason, now)
+        rule = Rule(rule_id or uuid.uuid4().hex[:12], lane, domain, campaign, tenant, until, reason, now)
         self.rules[rule.id] = rule
         self._save()
         return rule
