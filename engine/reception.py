@@ -132,10 +132,12 @@ class ReceptionHandler:
             if not envelope.recipients:
                 return ACCEPTED
         if self._lane.list_unsubscribe is not None and not _has_list_unsubscribe(message):
-            return self._store(session, self._per_recipient(key, envelope, message))
-        message = self._signed(message)
-        envelope.size = len(message)
-        return self._store(session, [(key, envelope, message)])
+            copies = self._per_recipient(key, envelope, message)
+        else:
+            copies = [(key, envelope, message)]
+        if self.signer.domains:
+            return self._sign_and_store(session, copies)
+        return self._store(session, copies)
 
     def _deliver_locally(self, recipients: list[str], message: bytes) -> list[str]:
         """Hands the message to the engine's own mailboxes among `recipients`; returns the others."""
@@ -168,12 +170,12 @@ class ReceptionHandler:
         return kept
 
     def _per_recipient(self, key: bytes, envelope: Envelope, message: bytes) -> list[tuple[bytes, Envelope, bytes]]:
-        """One copy per recipient, each with its own unsubscribe token, signed after the fields went in."""
+        """One copy per recipient, each with its own unsubscribe token (signed later, over these fields)."""
         block, rest = split_message(message)
         copies = []
         for index, recipient in enumerate(envelope.recipients):
             token = make_token(self._secret, recipient.address, envelope.tenant, envelope.campaign)
-            copy = self._signed(block + unsubscribe_fields(self._lane.list_unsubscribe, token) + rest)
+            copy = block + unsubscribe_fields(self._lane.list_unsubscribe, token) + rest
             single = Envelope(
                 sender=envelope.sender,
                 recipients=[recipient],
@@ -187,9 +189,17 @@ class ReceptionHandler:
             copies.append((key if index == 0 else new_message_id(), single, copy))
         return copies
 
-    def _signed(self, message: bytes) -> bytes:
-        signature = self.signer.sign(message)
-        return message if signature is None else signature + message
+    async def _sign_and_store(self, session: Session, copies: list[tuple[bytes, Envelope, bytes]]) -> Reply:
+        """DKIM-signs every copy on the signing threads (the event loop goes on meanwhile), then stores them."""
+        signer = self.signer
+        signatures = await asyncio.gather(*(signer.sign_off_loop(message) for _, _, message in copies))
+        signed = []
+        for (key, envelope, message), signature in zip(copies, signatures, strict=True):
+            if signature is not None:
+                message = signature + message
+                envelope.size = len(message)
+            signed.append((key, envelope, message))
+        return await self._store(session, signed)
 
     async def _store(self, session: Session, messages: list[tuple[bytes, Envelope, bytes]]) -> Reply:
         peer = {"host": session.helo, "address": session.peer[0]}

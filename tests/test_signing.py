@@ -7,6 +7,7 @@ published from what generate_key returned.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import functools
 import os
@@ -224,6 +225,26 @@ def test_unsigned_without_a_key_or_a_single_author(world: World, from_header: by
     assert world.signer.sign(from_header + b"\r\nSubject: s\r\n\r\nbody\r\n") is None
 
 
+@pytest.mark.parametrize("algorithm", DOMAINS)
+def test_signatures_made_off_the_loop_verify(world: World, algorithm: str) -> None:
+    """Several at once on the signing threads, each for its own message."""
+    originals = [message(DOMAINS[algorithm], extra=f"X-Seq: {n}\r\n".encode()) for n in range(4)]
+
+    async def sign_all() -> list[bytes | None]:
+        return await asyncio.gather(*(world.signer.sign_off_loop(original) for original in originals))
+
+    for original, signature in zip(originals, asyncio.run(sign_all()), strict=True):
+        assert signature is not None
+        passed, report = verify(world, algorithm, signature + original)
+        assert passed, report
+
+
+def test_a_signer_without_keys_signs_nothing() -> None:
+    signer = DkimSigner({})
+    assert signer.sign(message("rsa.example.net")) is None
+    assert asyncio.run(signer.sign_off_loop(message("rsa.example.net"))) is None
+
+
 def test_domains_and_case_insensitive_lookup(world: World) -> None:
     assert world.signer.domains == frozenset(DOMAINS.values())
     assert world.signer.sign(b"From: A@RSA.Example.NET\r\n\r\nbody\r\n") is not None
@@ -304,6 +325,16 @@ BODY_BYTES = st.lists(st.sampled_from([b" ", b"\t", b"\r", b"\n", b"\r\n", b"a",
 
 @given(BODY_BYTES)
 def test_relaxed_body_matches_dkimpy(body: bytes) -> None:
+    expected = dkim.canonicalization.Relaxed.canonicalize_body(body)
+    assert compiled.relaxed_body(body) == expected
+    assert _dkimcanon_py.relaxed_body(body) == expected
+
+
+@given(st.integers(0, 9000), st.integers(0, 3), BODY_BYTES)
+def test_relaxed_body_of_long_clean_text_matches_dkimpy(clean: int, gap: int, tail: bytes) -> None:
+    """Long bodies, so the compiled scan's 4 KB blocks and their edges meet whitespace that must change."""
+    text = (b"wrapped words\r\n" * (clean // 15 + 1))[:clean]
+    body = text + b"x" * gap + tail + b"y\r\n"
     expected = dkim.canonicalization.Relaxed.canonicalize_body(body)
     assert compiled.relaxed_body(body) == expected
     assert _dkimcanon_py.relaxed_body(body) == expected
