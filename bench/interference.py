@@ -39,6 +39,7 @@ from bench.common import (
     wait_for_port,
     write_results,
 )
+from tests.harness import engine_toml, listener
 
 DOMAIN = "dest.test"
 RATE = 200  # msgs/s per egress source and destination
@@ -47,61 +48,28 @@ BULK_SESSIONS = 8
 BULK_SIZE = 1024
 TARGET_P99_MS = 50.0
 
-COMMON = """
-[engine]
-hostname = "mta.bench.test"
-secret = "bench-interference-secret"
 
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[routes]
-"{domain}" = "127.0.0.1:{sink}"
-
-[egress.tx-1]
-source_address = "127.0.0.3"
-ehlo_name = "tx1.bench.test"
-
-[shaping.default]
-max_message_rate = "{rate}/s"
-"""
-
-LANES = """
-[[listeners]]
-name = "tx"
-listen = "127.0.0.1:{tx}"
-lane = "transactional"
-
-[[listeners]]
-name = "bulk"
-listen = "127.0.0.1:{bulk}"
-lane = "bulk"
-
-[egress.bulk-1]
-source_address = "127.0.0.4"
-ehlo_name = "bulk1.bench.test"
-
-[lanes.transactional]
-egress_pool = ["tx-1"]
-
-[lanes.bulk]
-egress_pool = ["bulk-1"]
-"""
-
-ONE_LANE = """
-[[listeners]]
-name = "tx"
-listen = "127.0.0.1:{tx}"
-lane = "transactional"
-
-[[listeners]]
-name = "bulk"
-listen = "127.0.0.1:{bulk}"
-lane = "transactional"
-
-[lanes.transactional]
-egress_pool = ["tx-1"]
-"""
+def engine_config(layout: str, admin_port: int, sink_port: int, tx_port: int, bulk_port: int) -> str:
+    """`lanes`: each listener on its own lane and egress source; `one-lane`: both on the transactional lane."""
+    separate = layout == "lanes"
+    egress = {"tx-1": {"source_address": "127.0.0.3", "ehlo_name": "tx1.bench.test"}}
+    lanes = {"transactional": {"egress_pool": ["tx-1"]}}
+    if separate:
+        egress["bulk-1"] = {"source_address": "127.0.0.4", "ehlo_name": "bulk1.bench.test"}
+        lanes["bulk"] = {"egress_pool": ["bulk-1"]}
+    return engine_toml(
+        hostname="mta.bench.test",
+        secret="bench-interference-secret",
+        admin=admin_port,
+        routes={DOMAIN: f"127.0.0.1:{sink_port}"},
+        listeners=[
+            listener("tx", tx_port, "transactional"),
+            listener("bulk", bulk_port, "bulk" if separate else "transactional"),
+        ],
+        lanes=lanes,
+        egress=egress,
+        shaping={"max_message_rate": f"{RATE}/s"},
+    )
 
 
 class RecordingSink:
@@ -182,13 +150,12 @@ def rank(ordered: list[float], p: float) -> float:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
-def run_configuration(name: str, layout: str, bulk: int, transactional: int) -> dict:
+def run_configuration(name: str, bulk: int, transactional: int) -> dict:
+    """One run of the layout `name` (see engine_config)."""
     tx_port, bulk_port = free_port(), free_port()
     directory = Path(tempfile.mkdtemp(prefix=f"bench-interference-{name}-"))
     sink = RecordingSink(directory / "sink")
-    config = (COMMON + layout).format(
-        admin=free_port(), domain=DOMAIN, sink=sink.port, rate=RATE, tx=tx_port, bulk=bulk_port
-    )
+    config = engine_config(name, free_port(), sink.port, tx_port, bulk_port)
     engine = EngineServer(config, tx_port)
     try:
         wait_for_port(bulk_port, 30, lambda: engine.process.poll() is None)
@@ -257,8 +224,8 @@ def main() -> None:
     bulk = args.bulk or (5_000 if args.quick else 50_000)
     transactional = args.transactional or (50 if args.quick else 200)
     rows = [
-        run_configuration("lanes", LANES, bulk, transactional),
-        run_configuration("one-lane", ONE_LANE, bulk, transactional),
+        run_configuration("lanes", bulk, transactional),
+        run_configuration("one-lane", bulk, transactional),
     ]
     print(f"\n{bulk} bulk + {transactional} transactional messages to one domain, {RATE}/s per egress source")
     print_table(COLUMNS, rows)

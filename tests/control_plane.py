@@ -13,43 +13,23 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.harness import Engine, Sink, free_port
+from tests.harness import Engine, Sink, engine_toml, free_port, in_table, listener, merge
 
 TOKEN = "t0k3n-for-tests"
 
 
 def config(destination: str, tx_port: int, bulk_port: int, admin_port: int, extra: str = "", tx: str = "") -> str:
-    return f"""
-[engine]
-hostname = "mta.test"
-spool_dir = "spool"
-log_dir = "logs"
-
-[admin]
-listen = "127.0.0.1:{admin_port}"
-token = "{TOKEN}"
-
-[routes]
-"*" = "{destination}"
-
-[[listeners]]
-name = "tx"
-listen = "127.0.0.1:{tx_port}"
-lane = "transactional"
-
-[[listeners]]
-name = "bulk"
-listen = "127.0.0.1:{bulk_port}"
-lane = "bulk"
-
-[lanes.transactional]
-retry_intervals = ["1s"]
-{tx}
-
-[lanes.bulk]
-retry_intervals = ["1s"]
-{extra}
-"""
+    """`tx` is TOML text for [lanes.transactional]; `extra` is TOML text that goes after [lanes.bulk]'s
+    keys: more of them, then any other table."""
+    return engine_toml(
+        admin=admin_port,
+        token=TOKEN,
+        secret=None,
+        routes={"*": destination},
+        listeners=[listener("tx", tx_port, "transactional"), listener("bulk", bulk_port, "bulk")],
+        lanes={"transactional": {"retry_intervals": ["1s"]}, "bulk": {"retry_intervals": ["1s"]}},
+        extra=merge(in_table("lanes.transactional", tx), in_table("lanes.bulk", extra)),
+    )
 
 
 class Admin:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from engine.events import read_events
 
@@ -44,6 +47,132 @@ def engine_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "engine", *args]
 
 
+# --- configuration files ----------------------------------------------------------------------------
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    """A basic string: quotes and backslashes escaped, control characters as \\uXXXX."""
+    parts = []
+    for char in text:
+        if char in '"\\':
+            parts.append("\\" + char)
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            parts.append(f"\\u{ord(char):04x}")
+        else:
+            parts.append(char)
+    return '"' + "".join(parts) + '"'
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, Sequence):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, Mapping) for item in value)
+
+
+def _toml_table(lines: list[str], path: list[str], table: Mapping[str, Any], array: bool = False) -> None:
+    """One table's own keys under its header, then its sub-tables: TOML wants them in that order."""
+    plain = {k: v for k, v in table.items() if not isinstance(v, Mapping) and not _is_table_array(v)}
+    name = ".".join(_toml_key(part) for part in path)
+    if path and (array or plain or not table):
+        lines += ["", f"[[{name}]]" if array else f"[{name}]"]
+    lines += [f"{_toml_key(key)} = {_toml_value(value)}" for key, value in plain.items()]
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            _toml_table(lines, [*path, key], value)
+        elif _is_table_array(value):
+            for item in value:
+                _toml_table(lines, [*path, key], item, array=True)
+
+
+def toml_text(document: Mapping[str, Any]) -> str:
+    """A TOML document that tomllib reads back as `document` (Python 3.11 reads TOML but cannot write it)."""
+    lines: list[str] = []
+    _toml_table(lines, [], document)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` laid over it, table by table."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def in_table(table: str, text: str) -> dict[str, Any]:
+    """TOML text that callers write to go right after a `[table]` header, as a document."""
+    return tomllib.loads(f"[{table}]\n{text}")
+
+
+def listener(name: str, port: int, lane: str, **keys: Any) -> dict[str, Any]:
+    """One [[listeners]] entry on 127.0.0.1."""
+    return {"name": name, "listen": f"127.0.0.1:{port}", "lane": lane, **keys}
+
+
+def engine_toml(
+    *,
+    admin: int,
+    routes: Mapping[str, str],
+    listeners: Sequence[Mapping[str, Any]],
+    lanes: Mapping[str, Mapping[str, Any]],
+    egress: Mapping[str, Mapping[str, Any]] | None = None,
+    shaping: Mapping[str, Any] | None = None,
+    hostname: str = "mta.test",
+    secret: str | None = "test-secret",
+    token: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """The engine configuration black-box tests run with: spool and logs beside the file, the admin API
+    on 127.0.0.1:ADMIN, delivery by `routes` only (no DNS). `shaping` is [shaping.default]; `extra` is laid
+    over the whole document last."""
+    engine = {"hostname": hostname, "spool_dir": "spool", "log_dir": "logs"}
+    if secret is not None:
+        engine["secret"] = secret
+    document: dict[str, Any] = {
+        "engine": engine,
+        "admin": {"listen": f"127.0.0.1:{admin}", **({"token": token} if token is not None else {})},
+        "routes": dict(routes),
+        "listeners": [dict(item) for item in listeners],
+        "lanes": {name: dict(keys) for name, keys in lanes.items()},
+    }
+    if egress:
+        document["egress"] = {name: dict(keys) for name, keys in egress.items()}
+    if shaping:
+        document["shaping"] = {"default": dict(shaping)}
+    return toml_text(merge(document, extra or {}))
+
+
+def _envelope(path: Path) -> dict | None:
+    """A recorded message's envelope, or None while the sink is still writing it (the .eml comes first,
+    then the .json, neither atomically): the next poll reads it whole."""
+    try:
+        envelope = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return envelope if path.with_suffix(".eml").exists() else None
+
+
 class Sink:
     """`engine sink` as a subprocess that records every message."""
 
@@ -66,16 +195,16 @@ class Sink:
         """(envelope, message bytes) of every recorded message, in arrival order."""
         found = []
         for path in sorted(self.directory.glob("*.json")):
-            eml = path.with_suffix(".eml")
-            if eml.exists():
-                found.append((json.loads(path.read_text()), eml.read_bytes()))
+            envelope = _envelope(path)
+            if envelope is not None:
+                found.append((envelope, path.with_suffix(".eml").read_bytes()))
         return found
 
     def arrivals(self, seen: dict[str, tuple[dict, bytes]]) -> dict[str, tuple[dict, bytes]]:
         """Like messages(), but reads only files not in `seen` (which it updates): cheap to poll."""
         for path in self.directory.glob("*.json"):
-            if path.name not in seen and path.with_suffix(".eml").exists():
-                seen[path.name] = (json.loads(path.read_text()), path.with_suffix(".eml").read_bytes())
+            if path.name not in seen and (envelope := _envelope(path)) is not None:
+                seen[path.name] = (envelope, path.with_suffix(".eml").read_bytes())
         return seen
 
     def count(self) -> int:

@@ -12,60 +12,26 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Engine, Sink, engine_command, free_port, wait_for
-
-LANES = """
-[engine]
-hostname = "mta.test"
-secret = "test-secret"
-
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[routes]
-"*" = "{sink}"
-
-[[listeners]]
-name = "tx"
-listen = "127.0.0.1:{tx}"
-lane = "transactional"
-
-[[listeners]]
-name = "bulk"
-listen = "127.0.0.1:{bulk}"
-lane = "bulk"
-
-[egress.tx-1]
-source_address = "127.0.0.3"
-ehlo_name = "tx1.test"
-
-[egress.bulk-1]
-source_address = "127.0.0.4"
-ehlo_name = "bulk1.test"
-
-[egress.bulk-2]
-source_address = "127.0.0.5"
-ehlo_name = "bulk2.test"
-
-[lanes.transactional]
-egress_pool = ["tx-1"]
-retry_intervals = ["1s"]
-
-[lanes.bulk]
-egress_pool = ["bulk-1", "bulk-2"]
-retry_intervals = ["1s"]
-{bulk_extra}
-
-[shaping.default]
-connection_limit = 4
-{shaping_extra}
-"""
+from tests.harness import Engine, Sink, engine_command, engine_toml, free_port, listener, wait_for
 
 
-def lanes_engine(tmp_path: Path, sink: Sink, bulk_extra: str = "", shaping_extra: str = "") -> tuple[Engine, int, int]:
+def lanes_engine(tmp_path: Path, sink: Sink, shaping: dict | None = None) -> tuple[Engine, int, int]:
+    """Each lane on its own egress addresses: transactional from 127.0.0.3, bulk from 127.0.0.4 and .5."""
     tx, bulk = free_port(), free_port()
-    text = LANES.format(
-        admin=free_port(), sink=sink.address, tx=tx, bulk=bulk, bulk_extra=bulk_extra, shaping_extra=shaping_extra
+    text = engine_toml(
+        admin=free_port(),
+        routes={"*": sink.address},
+        listeners=[listener("tx", tx, "transactional"), listener("bulk", bulk, "bulk")],
+        egress={
+            "tx-1": {"source_address": "127.0.0.3", "ehlo_name": "tx1.test"},
+            "bulk-1": {"source_address": "127.0.0.4", "ehlo_name": "bulk1.test"},
+            "bulk-2": {"source_address": "127.0.0.5", "ehlo_name": "bulk2.test"},
+        },
+        lanes={
+            "transactional": {"egress_pool": ["tx-1"], "retry_intervals": ["1s"]},
+            "bulk": {"egress_pool": ["bulk-1", "bulk-2"], "retry_intervals": ["1s"]},
+        },
+        shaping={"connection_limit": 4, **(shaping or {})},
     )
     return Engine(tmp_path, text).start([tx, bulk]), tx, bulk
 
@@ -131,7 +97,7 @@ def worker_pids(engine: Engine, lane: str) -> list[int]:
 
 
 def test_killing_a_bulk_worker_does_not_touch_the_transactional_lane(tmp_path: Path, sink: Sink) -> None:
-    engine, tx, bulk = lanes_engine(tmp_path, sink, shaping_extra='max_message_rate = "100/s"')
+    engine, tx, bulk = lanes_engine(tmp_path, sink, shaping={"max_message_rate": "100/s"})
     try:
         stop = threading.Event()
 
@@ -169,7 +135,7 @@ def test_killing_a_bulk_worker_does_not_touch_the_transactional_lane(tmp_path: P
 
 
 def test_transactional_latency_stays_low_behind_a_bulk_backlog(tmp_path: Path, sink: Sink) -> None:
-    engine, tx, bulk = lanes_engine(tmp_path, sink, shaping_extra='max_message_rate = "100/s"')
+    engine, tx, bulk = lanes_engine(tmp_path, sink, shaping={"max_message_rate": "100/s"})
     seen: dict[str, tuple[dict, bytes]] = {}
     try:
         result = subprocess.run(

@@ -17,7 +17,7 @@ from pathlib import Path
 import dkim
 import pytest
 
-from tests.harness import Engine, Sink, free_port, wait_for
+from tests.harness import Engine, Sink, engine_toml, free_port, listener, wait_for
 
 HOSTNAME = "mta.test"
 SELECTOR = "s1"
@@ -47,31 +47,14 @@ def world(tmp_path: Path) -> Iterator[World]:
     key_file, started_txt = new_key(tmp_path, "dkim.pem")
     sink = Sink(tmp_path / "sink", reply="*@refusing.test=550 5.1.1 no such user")
     port, admin = free_port(), free_port()
-    config = f"""
-[engine]
-hostname = "{HOSTNAME}"
-spool_dir = "spool"
-log_dir = "logs"
-
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[routes]
-"*" = "{sink.address}"
-
-[[listeners]]
-name = "tx"
-listen = "127.0.0.1:{port}"
-lane = "transactional"
-
-[lanes.transactional]
-dsn = true
-
-[dkim."{HOSTNAME}"]
-selector = "{SELECTOR}"
-key_file = "{key_file}"
-algorithm = "ed25519-sha256"
-"""
+    config = engine_toml(
+        hostname=HOSTNAME,
+        admin=admin,
+        routes={"*": sink.address},
+        listeners=[listener("tx", port, "transactional")],
+        lanes={"transactional": {"dsn": True}},
+        extra={"dkim": {HOSTNAME: {"selector": SELECTOR, "key_file": str(key_file), "algorithm": "ed25519-sha256"}}},
+    )
     engine = Engine(tmp_path, config).start([port])
     try:
         yield World(engine, sink, port, key_file, started_txt)

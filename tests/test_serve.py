@@ -12,40 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Engine, Sink, engine_command, free_port, wait_for
+from tests.harness import Engine, Sink, engine_command, engine_toml, free_port, listener, wait_for
 
 
-def engine_config(sink: Sink, tx_port: int, bulk_port: int, admin_port: int, extra: str = "") -> str:
-    return f"""
-[engine]
-hostname = "mta.test"
-secret = "test-secret"
-spool_dir = "spool"
-log_dir = "logs"
-
-[admin]
-listen = "127.0.0.1:{admin_port}"
-
-[routes]
-"*" = "{sink.address}"
-
-[[listeners]]
-name = "tx"
-listen = "127.0.0.1:{tx_port}"
-lane = "transactional"
-
-[[listeners]]
-name = "bulk"
-listen = "127.0.0.1:{bulk_port}"
-lane = "bulk"
-
-[lanes.transactional]
-retry_intervals = ["1s"]
-
-[lanes.bulk]
-retry_intervals = ["1s"]
-{extra}
-"""
+def engine_config(sink: Sink, tx_port: int, bulk_port: int, admin_port: int) -> str:
+    return engine_toml(
+        admin=admin_port,
+        routes={"*": sink.address},
+        listeners=[listener("tx", tx_port, "transactional"), listener("bulk", bulk_port, "bulk")],
+        lanes={"transactional": {"retry_intervals": ["1s"]}, "bulk": {"retry_intervals": ["1s"]}},
+    )
 
 
 @pytest.fixture

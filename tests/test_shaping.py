@@ -9,38 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Engine, Sink, engine_command, free_port, wait_for
-
-CONFIG = """
-[engine]
-hostname = "mta.test"
-secret = "test-secret"
-
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[routes]
-"*" = "{sink}"
-
-[[listeners]]
-name = "tx"
-listen = "127.0.0.1:{port}"
-lane = "transactional"
-
-[lanes.transactional]
-workers = {workers}
-retry_intervals = [{retry}]
-max_age = "{max_age}"
-
-[shaping.default]
-{shaping}
-"""
+from tests.harness import Engine, Sink, engine_command, engine_toml, free_port, listener, wait_for
 
 
-def start(tmp_path: Path, sink: Sink, *, workers: int = 1, retry: str = '"1s"', max_age: str = "1h", shaping: str = ""):
+def start(
+    tmp_path: Path, sink: Sink, *, workers: int = 1, retry: str = "1s", max_age: str = "1h", shaping: dict | None = None
+) -> tuple[Engine, int]:
     port = free_port()
-    text = CONFIG.format(
-        admin=free_port(), sink=sink.address, port=port, workers=workers, retry=retry, max_age=max_age, shaping=shaping
+    text = engine_toml(
+        admin=free_port(),
+        routes={"*": sink.address},
+        listeners=[listener("tx", port, "transactional")],
+        lanes={"transactional": {"workers": workers, "retry_intervals": [retry], "max_age": max_age}},
+        shaping=shaping,
     )
     return Engine(tmp_path, text).start([port]), port
 
@@ -64,7 +45,7 @@ def sink(tmp_path: Path):
 
 
 def test_two_workers_hold_the_lane_wide_rate(tmp_path: Path, sink: Sink) -> None:
-    engine, port = start(tmp_path, sink, workers=2, shaping='max_message_rate = "20/s"')
+    engine, port = start(tmp_path, sink, workers=2, shaping={"max_message_rate": "20/s"})
     try:
         blast(port, 260, 10)
         wait_for(lambda: sink.count() >= 260, 30, what="260 messages at 20/s")
@@ -81,7 +62,7 @@ def test_two_workers_hold_the_lane_wide_rate(tmp_path: Path, sink: Sink) -> None
 
 
 def test_priority_zero_overtakes_five_thousand_queued(tmp_path: Path, sink: Sink) -> None:
-    engine, port = start(tmp_path, sink, shaping='connection_limit = 2\nmax_message_rate = "200/s"')
+    engine, port = start(tmp_path, sink, shaping={"connection_limit": 2, "max_message_rate": "200/s"})
     try:
         blast(port, 5000, 20)
         queued_at = sink.count()
@@ -102,7 +83,7 @@ def test_priority_zero_overtakes_five_thousand_queued(tmp_path: Path, sink: Sink
 
 def test_retry_fires_on_schedule(tmp_path: Path) -> None:
     sink = Sink(tmp_path / "sink", reply="*@later.test=451 4.3.0 not yet")
-    engine, port = start(tmp_path, sink, retry='"2s"')
+    engine, port = start(tmp_path, sink, retry="2s")
     try:
         blast(port, 1, 1, to="r@later.test")
         wait_for(lambda: len(engine.events("TransientFailure")) >= 3, 15, what="three attempts")
@@ -115,7 +96,7 @@ def test_retry_fires_on_schedule(tmp_path: Path) -> None:
 
 
 def test_messages_expire_while_waiting_in_a_ready_queue(tmp_path: Path, sink: Sink) -> None:
-    engine, port = start(tmp_path, sink, max_age="2s", shaping='connection_limit = 1\nmax_message_rate = "2/s"')
+    engine, port = start(tmp_path, sink, max_age="2s", shaping={"connection_limit": 1, "max_message_rate": "2/s"})
     try:
         started = time.time()
         blast(port, 20, 4)
@@ -131,7 +112,7 @@ def test_messages_expire_while_waiting_in_a_ready_queue(tmp_path: Path, sink: Si
 
 
 def test_connection_limit_holds_across_two_workers(tmp_path: Path, sink: Sink) -> None:
-    engine, port = start(tmp_path, sink, workers=2, shaping="connection_limit = 3\nidle_timeout = \"1s\"")
+    engine, port = start(tmp_path, sink, workers=2, shaping={"connection_limit": 3, "idle_timeout": "1s"})
     try:
         blast(port, 1500, 20)
         wait_for(lambda: sink.count() >= 1500, 60, what="1500 messages at the sink")

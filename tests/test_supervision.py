@@ -10,38 +10,27 @@ import subprocess
 import threading
 from pathlib import Path
 
-from tests.harness import Engine, Sink, engine_command, free_port, wait_for
+from tests.harness import Engine, Sink, engine_command, engine_toml, free_port, listener, wait_for
 
-CONFIG = """
-[engine]
-hostname = "mta.test"
-secret = "test-secret"
 
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[routes]
-"*" = "{sink}"
-
-[[listeners]]
-name = "tx"
-listen = "127.0.0.1:{port}"
-lane = "transactional"
-
-[lanes.transactional]
-retry_intervals = ["1s"]
-"""
+def engine_config(sink: str, port: int, admin: int) -> str:
+    return engine_toml(
+        admin=admin,
+        routes={"*": sink},
+        listeners=[listener("tx", port, "transactional")],
+        lanes={"transactional": {"retry_intervals": ["1s"]}},
+    )
 
 
 def test_sighup_reloads_routes_without_dropping_a_session(tmp_path: Path) -> None:
     first, second = Sink(tmp_path / "first"), Sink(tmp_path / "second")
     port, admin = free_port(), free_port()
-    engine = Engine(tmp_path, CONFIG.format(admin=admin, sink=first.address, port=port)).start([port])
+    engine = Engine(tmp_path, engine_config(first.address, port, admin)).start([port])
     try:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
             client.sendmail("a@x.test", ["b@dest.test"], b"Subject: before\r\n\r\nbefore\r\n")
             wait_for(lambda: first.count() == 1, 10, what="first message at the first sink")
-            engine.config_path.write_text(CONFIG.format(admin=admin, sink=second.address, port=port))
+            engine.config_path.write_text(engine_config(second.address, port, admin))
             engine.process.send_signal(signal.SIGHUP)
             wait_for(lambda: "reloaded" in engine.log_text(), 10, what="reload logged")
             client.sendmail("a@x.test", ["b@dest.test"], b"Subject: after\r\n\r\nafter\r\n")
@@ -57,7 +46,7 @@ def test_sighup_reloads_routes_without_dropping_a_session(tmp_path: Path) -> Non
 def test_sighup_with_a_broken_file_keeps_the_running_configuration(tmp_path: Path) -> None:
     sink = Sink(tmp_path / "sink")
     port = free_port()
-    engine = Engine(tmp_path, CONFIG.format(admin=free_port(), sink=sink.address, port=port)).start([port])
+    engine = Engine(tmp_path, engine_config(sink.address, port, free_port())).start([port])
     try:
         engine.config_path.write_text("[engine]\nhostname = 5\n")
         engine.process.send_signal(signal.SIGHUP)
@@ -73,7 +62,7 @@ def test_sighup_with_a_broken_file_keeps_the_running_configuration(tmp_path: Pat
 def test_sigterm_finishes_sessions_and_loses_nothing(tmp_path: Path) -> None:
     sink = Sink(tmp_path / "sink")
     port = free_port()
-    engine = Engine(tmp_path, CONFIG.format(admin=free_port(), sink=sink.address, port=port)).start([port])
+    engine = Engine(tmp_path, engine_config(sink.address, port, free_port())).start([port])
     acked: list[int] = []
 
     def session(first: int) -> None:
@@ -119,7 +108,7 @@ def test_configuration_errors_name_file_and_key(tmp_path: Path) -> None:
 def test_a_killed_worker_is_restarted_and_resumes_its_spool(tmp_path: Path) -> None:
     sink = Sink(tmp_path / "sink", reply="*@later.test=451 4.3.0 not yet")
     port = free_port()
-    engine = Engine(tmp_path, CONFIG.format(admin=free_port(), sink=sink.address, port=port)).start([port])
+    engine = Engine(tmp_path, engine_config(sink.address, port, free_port())).start([port])
     try:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
             client.sendmail("a@x.test", ["r@later.test"], b"Subject: retry me\r\n\r\nx\r\n")
