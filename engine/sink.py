@@ -97,7 +97,9 @@ class SinkHandler:
             "received": time.time(),
         }
         (self.record_dir / f"{name}.eml").write_bytes(message)
-        (self.record_dir / f"{name}.json").write_text(json.dumps(envelope))
+        partial = self.record_dir / f"{name}.json.partial"  # readers glob *.json: they never see half a file
+        partial.write_text(json.dumps(envelope))
+        partial.rename(partial.with_suffix(""))
 
     def stats(self, server: SMTPServer) -> dict:
         return {
