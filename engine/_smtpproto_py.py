@@ -15,6 +15,7 @@ __all__ = [
     "BARE_LINE_ENDING",
     "LINE_TOO_LONG",
     "OK",
+    "check_data",
     "decode_data",
     "encode_data",
     "find_data_end",
@@ -125,6 +126,19 @@ def encode_data(message: bytes | bytearray) -> bytes:
     if stuffed and not stuffed.endswith(b"\r\n"):
         stuffed += b"\r\n"
     return stuffed + b".\r\n"
+
+
+def check_data(message: bytes | bytearray) -> bytes:
+    """A CRLF message as BDAT content (RFC 3030: no dot-stuffing, no terminator), ending with CRLF; the same
+    ValueError as encode_data for a line SMTP cannot carry."""
+    _check_buffer(message)
+    data = bytes(message)
+    status = _line_status(data, _MAX_TEXT_LINE, False)
+    if status == BARE_LINE_ENDING:
+        raise ValueError("bare CR or LF in message")
+    if status == LINE_TOO_LONG:
+        raise ValueError("line longer than 1000 octets")
+    return data + b"\r\n" if data and not data.endswith(b"\r\n") else data
 
 
 def split_command(line: bytes | bytearray) -> tuple[bytes, bytes]:

@@ -22,6 +22,7 @@ from engine.control import Channel, WorkerControl, read_init
 from engine.dispatch import Dispatcher, new_deliverers
 from engine.envelope import Envelope
 from engine.events import EventLog
+from engine.http_injection import HttpInjectionServer
 from engine.postmaster import Postmaster
 from engine.reception import ReceptionHandler
 from engine.resolver import Resolver
@@ -55,7 +56,7 @@ class Worker:
         self.lane = config.lanes[lane]
         self.index = index
         self.sockets = dict(sockets)
-        self.servers: list[SMTPServer] = []
+        self.servers: list[SMTPServer | HttpInjectionServer] = []
         self.handlers: list[ReceptionHandler] = []
         self.stopped = asyncio.Event()
         self.control = control
@@ -87,13 +88,16 @@ class Worker:
         postmaster.start()
         for listener in config.listeners:
             sock = self.sockets.get(listener.name)
-            if listener.lane != lane.name or sock is None or listener.protocol != "smtp":
+            if listener.lane != lane.name or sock is None:
                 continue
             handler = ReceptionHandler(
                 config.engine.hostname, lane, listener.name, spool, events, self.dispatcher, signer, **options
             )
             self.handlers.append(handler)
-            server = SMTPServer.for_listener(handler, listener)
+            if listener.protocol == "http":
+                server = HttpInjectionServer(handler, listener)
+            else:
+                server = SMTPServer.for_listener(handler, listener)
             await server.listen(sock)
             self.servers.append(server)
         loop = asyncio.get_running_loop()

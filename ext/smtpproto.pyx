@@ -30,6 +30,7 @@ __all__ = [
     "BARE_LINE_ENDING",
     "LINE_TOO_LONG",
     "OK",
+    "check_data",
     "decode_data",
     "encode_data",
     "find_data_end",
@@ -259,6 +260,26 @@ def encode_data(message) -> bytes:
         written += 2
     memcpy(out + written, b".\r\n", 3)
     return result
+
+
+def check_data(message) -> bytes:
+    """A CRLF message as BDAT content (RFC 3030: no dot-stuffing, no terminator), ending with CRLF; the same
+    ValueError as encode_data for a line SMTP cannot carry."""
+    cdef Py_ssize_t n, s = 0, next_start = 0
+    cdef const unsigned char *p = _view(message, &n)
+    cdef int status = _OK
+    if not _crlf_only(p, n):
+        status = _first_problem(p, n, _MAX_TEXT_LINE, False)
+    while status == _OK and s < n:
+        if _octets(p, s, n, False, &next_start) > _MAX_TEXT_LINE:
+            status = _TOO_LONG
+        s = next_start
+    if status == _BARE:
+        raise ValueError("bare CR or LF in message")
+    if status == _TOO_LONG:
+        raise ValueError("line longer than 1000 octets")
+    data = message if type(message) is bytes else bytes(message)
+    return data + b"\r\n" if n > 0 and p[n - 1] != b"\n" else data
 
 
 def split_command(line) -> tuple:

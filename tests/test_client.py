@@ -19,7 +19,7 @@ from engine.smtp.client import Reply, SMTPClientError, SMTPConnection, SMTPTimeo
 class Received:
     sender: str
     recipients: list[str]
-    wire: bytes  # the DATA section as sent, dot-stuffed, without the final ".\r\n"
+    wire: bytes  # the DATA section as sent, dot-stuffed, without the final ".\r\n"; or the BDAT chunk
 
 
 @dataclass
@@ -27,12 +27,14 @@ class Peer:
     """An ESMTP server that records what it got and answers as configured.
 
     `replies` maps an address (MAIL or RCPT) to the raw reply to give it ("\\r\\n" inside for several lines);
-    `data_reply` answers DATA instead of 354; `silent` names verbs (or "END" for end of data) that get no
-    reply; at a `hangup` address the server closes the connection without a word; `dribble` sends replies a
-    few bytes at a time; `record` off keeps long benchmark runs from hoarding memory.
+    `data_reply` answers DATA instead of 354 (and BDAT instead of 250 when `chunking` offers BDAT); `silent`
+    names verbs (or "END" for end of data) that get no reply; at a `hangup` address the server closes the
+    connection without a word; `dribble` sends replies a few bytes at a time; `record` off keeps long
+    benchmark runs from hoarding memory.
     """
 
     pipelining: bool = True
+    chunking: bool = False
     ehlo: bool = True
     enhanced: bool = True
     greeting: str = "220 peer.test ESMTP"
@@ -67,6 +69,7 @@ class _PeerProtocol(asyncio.Protocol):
         self.peer = peer
         self.buf = b""
         self.in_data = False
+        self.chunk = 0  # octets of a BDAT chunk still to read
         self.sender: str | None = None
         self.recipients: list[str] = []
         self.slot = 0.0
@@ -95,6 +98,11 @@ class _PeerProtocol(asyncio.Protocol):
         out: list[str] = []
         close = False
         while not close:
+            if self.chunk:
+                if len(self.buf) < self.chunk:
+                    break
+                out.append(self.end_chunk())
+                continue
             if self.in_data:
                 if self.buf.startswith(b".\r\n"):
                     end = 0
@@ -134,6 +142,23 @@ class _PeerProtocol(asyncio.Protocol):
         if close:
             self.transport.close()
 
+    def end_chunk(self) -> str:
+        """The reply to a BDAT LAST once its chunk is all read."""
+        peer = self.peer
+        wire, self.buf = self.buf[: self.chunk], self.buf[self.chunk :]
+        self.chunk = 0
+        if peer.record:
+            peer.commands.append("END")
+        if self.sender is None or not self.recipients:
+            return peer.ok("554 5.5.1 no valid recipients")
+        if peer.data_reply:
+            return peer.data_reply
+        peer.accepted += 1
+        if peer.record:
+            peer.messages.append(Received(self.sender, self.recipients, wire))
+        self.sender, self.recipients = None, []
+        return peer.ok(f"250 2.0.0 queued as {peer.accepted}")
+
     def answer(self, verb: str, command: str) -> tuple[str, bool]:
         peer = self.peer
         address = command.partition("<")[2].partition(">")[0]
@@ -146,6 +171,8 @@ class _PeerProtocol(asyncio.Protocol):
             lines = ["peer.test greets you", "SIZE 10000000", "8BITMIME"]
             if peer.pipelining:
                 lines.append("PIPELINING")
+            if peer.chunking:
+                lines.append("CHUNKING")
             if peer.enhanced:
                 lines.append("ENHANCEDSTATUSCODES")
             return "\r\n".join(f"250-{x}" for x in lines[:-1]) + f"\r\n250 {lines[-1]}", False
@@ -169,6 +196,13 @@ class _PeerProtocol(asyncio.Protocol):
                 return peer.ok("554 5.5.1 no valid recipients"), False
             self.in_data = True
             return "354 end with <CRLF>.<CRLF>", False
+        if verb == "BDAT" and peer.chunking:
+            size, _, last = command[5:].partition(" ")
+            assert last == "LAST", command
+            self.chunk = int(size)
+            if not self.chunk:
+                return self.end_chunk(), False
+            return "", False
         if verb == "RSET":
             self.sender, self.recipients = None, []
             return peer.ok("250 2.0.0 reset"), False
@@ -591,3 +625,73 @@ def test_cancelled_caller_leaves_the_session_in_step(run, pipelining: bool) -> N
 
     assert run(go()).code == 250
     assert [m.recipients for m in peer.messages] == [["first@d.test"], ["after@d.test"]]
+
+
+# CHUNKING (RFC 3030)
+
+
+def test_chunking_sends_envelope_and_body_in_one_write_without_dot_stuffing(run) -> None:
+    peer = Peer(chunking=True)
+    body = b"Subject: dots\r\n\r\n.hidden\r\n.\r\nlast line without CRLF"
+
+    async def go():
+        conn = await connect(peer)
+        result = await conn.send_message("a@src.test", ["x@d.test", "y@d.test"], body)
+        conn.close()
+        return result
+
+    mail, rcpts, data = run(go())
+    assert mail.ok and [r.code for r in rcpts] == [250, 250]
+    assert data == Reply(250, "2.0.0", "queued as 1")
+    content = body + b"\r\n"
+    envelope = b"MAIL FROM:<a@src.test> SIZE=%d\r\nRCPT TO:<x@d.test>\r\nRCPT TO:<y@d.test>\r\n" % len(body)
+    assert [r for r in peer.reads if r.startswith(b"MAIL")] == [envelope + b"BDAT %d LAST\r\n" % len(content) + content]
+    assert peer.messages == [Received("a@src.test", ["x@d.test", "y@d.test"], content)]
+    assert "DATA" not in peer.commands
+
+
+def test_chunking_is_not_used_when_switched_off_or_without_pipelining(run) -> None:
+    for peer, options in ((Peer(chunking=True), {"chunking": False}), (Peer(chunking=True, pipelining=False), {})):
+
+        async def go(peer=peer, options=options):
+            conn = await connect(peer, **options)
+            await conn.send_message("a@src.test", ["x@d.test"], MESSAGE)
+            conn.close()
+
+        run(go())
+        assert "DATA" in peer.commands and not any(c.startswith("BDAT") for c in peer.commands)
+
+
+def test_refused_chunk_resets_and_the_next_message_follows(run) -> None:
+    peer = Peer(chunking=True, data_reply="552 5.3.4 too big for us")
+
+    async def go():
+        conn = await connect(peer)
+        first, second = await asyncio.gather(
+            conn.send_message("a@src.test", ["x@d.test"], MESSAGE),
+            conn.send_message("a@src.test", ["bad@d.test"], MESSAGE),
+        )
+        return conn, first, second
+
+    peer.replies["bad@d.test"] = "550 5.1.1 no such user"
+    conn, (mail, rcpts, data), (_, rcpts2, data2) = run(go())
+    assert mail.ok and rcpts[0].ok and (data.code, data.enhanced, data.text) == (552, "5.3.4", "too big for us")
+    assert rcpts2[0].code == 550 and data2 is None
+    verbs = [c.split(" ")[0] for c in peer.commands if c != "END"]
+    assert verbs[-8:] == ["MAIL", "RCPT", "BDAT", "RSET", "MAIL", "RCPT", "BDAT", "RSET"]
+    assert not conn.closed and not peer.messages
+
+
+def test_chunking_refuses_content_smtp_cannot_carry_before_sending(run) -> None:
+    peer = Peer(chunking=True)
+
+    async def go():
+        conn = await connect(peer)
+        with pytest.raises(ValueError, match="bare CR or LF"):
+            await conn.send_message("a@src.test", ["x@d.test"], b"Subject: x\r\n\r\nbare\nfeed\r\n")
+        result = await conn.send_message("a@src.test", ["x@d.test"], MESSAGE)
+        conn.close()
+        return result
+
+    assert run(go())[2].code == 250
+    assert [m.wire for m in peer.messages] == [MESSAGE]

@@ -248,6 +248,31 @@ def test_encode_data_line_length(proto: ModuleType) -> None:
             proto.encode_data(message)
 
 
+# check_data
+
+
+@pytest.mark.parametrize(
+    ("message", "content"),
+    [(b"", b""), (b"a", b"a\r\n"), (b"a\r\n", b"a\r\n"), (b".a\r\n.\r\n", b".a\r\n.\r\n"), (b"\r\n", b"\r\n")],
+)
+def test_check_data_leaves_dots_and_ends_with_crlf(proto: ModuleType, message: bytes, content: bytes) -> None:
+    assert proto.check_data(message) == content
+    assert proto.check_data(bytearray(message)) == content
+
+
+@pytest.mark.parametrize("message", [b"a\nb", b"a\rb", b"a\r", b"\n", b"a\r\r\n"])
+def test_check_data_refuses_bare_line_endings(proto: ModuleType, message: bytes) -> None:
+    with pytest.raises(ValueError, match="bare CR or LF"):
+        proto.check_data(message)
+
+
+def test_check_data_line_length(proto: ModuleType) -> None:
+    assert proto.check_data(b"x" * 998) == b"x" * 998 + b"\r\n"
+    for message in (b"x" * 999 + b"\r\n", b"ok\r\n" + b"x" * 5000 + b"\r\n"):
+        with pytest.raises(ValueError, match="longer than 1000"):
+            proto.check_data(message)
+
+
 # split_command
 
 
@@ -457,6 +482,13 @@ def test_decode_data_agrees(buf: bytes, data: st.DataObject, max_line: int) -> N
 def test_encode_data_agrees(message: bytes) -> None:
     compiled, python = both()
     assert outcome(compiled.encode_data, message) == outcome(python.encode_data, message)
+
+
+@PROPERTY
+@given(message=SMTP_BYTES | st.binary(min_size=990, max_size=2100))
+def test_check_data_agrees(message: bytes) -> None:
+    compiled, python = both()
+    assert outcome(compiled.check_data, message) == outcome(python.check_data, message)
 
 
 @PROPERTY
