@@ -902,8 +902,9 @@ class _Reader:
                 self.error((*path, "lane"), f"no lane named {values['lane']!r} in [lanes]")
             if ("tls_cert" in table) != ("tls_key" in table):
                 self.error(path, "tls_cert and tls_key must be given together")
-            if "users_file" in table and "tls_cert" not in table and values.get("protocol", "smtp") == "smtp":
-                self.error((*path, "users_file"), "AUTH needs STARTTLS: set tls_cert and tls_key")
+            if "users_file" in table and "tls_cert" not in table:
+                needs = "STARTTLS" if values.get("protocol", "smtp") == "smtp" else "HTTPS"
+                self.error((*path, "users_file"), f"authentication needs {needs}: set tls_cert and tls_key")
             name = values.setdefault("name", values.get("lane", str(index)))
             if name in seen_names and "name" in table:
                 self.error((*path, "name"), f"duplicate name {name!r}, also in listeners[{seen_names[name]}]")

@@ -644,7 +644,7 @@ lane = "transactional"
 users_file = "users.txt"
 """
     assert errors_of(write(tmp_path, text)) == [
-        f"{tmp_path / 'engine.toml'}: listeners[0].users_file: AUTH needs STARTTLS: set tls_cert and tls_key",
+        f"{tmp_path / 'engine.toml'}: listeners[0].users_file: authentication needs STARTTLS: set tls_cert and tls_key",
         f"{tmp_path / 'engine.toml'}: listeners[0].listen: 127.0.0.1:2525 is already used by admin.listen",
     ]
 
