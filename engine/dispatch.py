@@ -467,10 +467,11 @@ class Dispatcher:
         return sum(counts)
 
     async def _persist(self, key: bytes, envelope: Envelope) -> None:
-        """Writes the new recipient states; the message leaves the spool with its last final recipient."""
+        """Writes the new recipient states; the message leaves the spool with its last final recipient (without
+        waiting for that commit: see Spool.discard)."""
         try:
             if envelope.finished:
-                await self._spool.remove(key)
+                self._spool.discard(key)
             else:
                 await self._spool.update(key, envelope.pack())
         except SpoolError as error:

@@ -57,7 +57,7 @@ class Spool:
         # Readers on the event loop and set_mapsize/reopen on the committer must never overlap.
         self._map_lock = threading.Lock()
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-commit")
-        self._pending: list[tuple[_Op, asyncio.Future[None]]] = []
+        self._pending: list[tuple[_Op, asyncio.Future[None] | None]] = []
         self._idle = asyncio.Event()  # no commit running or scheduled
         self._idle.set()
         self._closed = False
@@ -90,6 +90,12 @@ class Spool:
     async def remove(self, key: bytes) -> None:
         """Deletes envelope and body; removing a missing key is not an error."""
         await self._submit((_REMOVE, self._checked(key), None, None))
+
+    def discard(self, key: bytes) -> None:
+        """`remove` in the next commit, without waiting for it. For a message whose last recipient is final:
+        losing that removal in a crash only means it is delivered once more after the restart, so a delivery
+        need not wait for an fsync before it takes the next message. A failed commit is logged."""
+        self._enqueue((_REMOVE, self._checked(key), None, None), None)
 
     def envelope(self, key: bytes) -> bytes | None:
         with self._map_lock, self._env.begin(db=self._envelopes) as txn:
@@ -152,20 +158,22 @@ class Spool:
         return key
 
     def _submit(self, op: _Op) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future = asyncio.get_running_loop().create_future()
+        self._enqueue(op, future)
+        return future
+
+    def _enqueue(self, op: _Op, future: asyncio.Future[None] | None) -> None:
         self._pending.append((op, future))
         if self._idle.is_set():
             # Launch from the next loop iteration, so everything submitted in this one shares the commit.
             self._idle.clear()
-            loop.call_soon(self._launch)
-        return future
+            asyncio.get_running_loop().call_soon(self._launch)
 
     def _launch(self) -> None:
         batch, self._pending = self._pending, []
         self._committer.submit(self._run, asyncio.get_running_loop(), batch)
 
-    def _run(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Op, asyncio.Future[None]]]) -> None:
+    def _run(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Op, asyncio.Future[None] | None]]) -> None:
         """Committer thread: commits, then hands the outcome straight to the loop (one wake-up, no relay)."""
         try:
             self._commit([op for op, _ in batch])
@@ -174,7 +182,7 @@ class Spool:
         else:
             loop.call_soon_threadsafe(self._finished, batch, None)
 
-    def _finished(self, batch: list[tuple[_Op, asyncio.Future[None]]], error: Exception | None) -> None:
+    def _finished(self, batch: list[tuple[_Op, asyncio.Future[None] | None]], error: Exception | None) -> None:
         if error is None:
             self._commits += 1
             self._ops_committed += len(batch)
@@ -183,7 +191,7 @@ class Spool:
             self._failed_commits += 1
             log.error("spool %s: commit of %d operations failed: %s", self.path, len(batch), error)
         for _, future in batch:
-            if future.done():
+            if future is None or future.done():
                 continue
             if error is None:
                 future.set_result(None)

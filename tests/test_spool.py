@@ -60,6 +60,26 @@ def test_store_update_remove_round_trip(run, tmp_path: Path) -> None:
     run(main())
 
 
+def test_discard_joins_the_next_commit_without_a_waiter(run, tmp_path: Path) -> None:
+    async def main() -> None:
+        spool = Spool(tmp_path / "spool")
+        await spool.store(key(1), b"env-1", b"body-1")
+        await spool.store(key(2), b"env-2", b"body-2")
+        spool.discard(key(1))
+        assert spool.envelope(key(1)) == b"env-1"  # not yet committed: nothing waited for it
+        await spool.update(key(2), b"env-2-retry")  # a later operation's commit covers it too
+        assert spool.envelope(key(1)) is None and spool.body(key(1)) is None
+        spool.discard(key(2))
+        await spool.close()
+        with pytest.raises(SpoolError):
+            spool.discard(key(2))
+        reopened = Spool(tmp_path / "spool")
+        assert list(reopened.envelopes()) == []
+        await reopened.close()
+
+    run(main())
+
+
 def test_operations_on_one_key_in_one_batch_apply_in_order(run, tmp_path: Path) -> None:
     async def main() -> None:
         spool = Spool(tmp_path / "spool")
