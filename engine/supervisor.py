@@ -327,15 +327,7 @@ class Supervisor:
         task.add_done_callback(self._notices.discard)
 
     async def adopt_suspension(
-        self,
-        lane: str,
-        *,
-        rule_id: str,
-        domain: str | None = None,
-        campaign: str | None = None,
-        tenant: str | None = None,
-        until: float | None = None,
-        reason: str = "",
+        self, lane: str, *, rule_id: str, until: float | None = None, reason: str = "", **selectors: str | None
     ) -> Rule:
         """A suspension one worker made (its reputation guard tripped) becomes the lane's: stored, so it
         outlives restarts, and sent to the lane's other workers; resuming it by API reaches them all."""
@@ -343,19 +335,8 @@ class Supervisor:
         if rule is not None:
             return rule
         duration = None if until is None else max(0.001, until - time.time())
-        rule = self.suspensions.add(
-            lane=lane,
-            domain=domain,
-            campaign=campaign,
-            tenant=tenant,
-            duration=duration,
-            reason=reason,
-            rule_id=rule_id,
-        )
-        await self.fan_out(lane, "suspend", **rule.worker_args())
-        self._queue_view = (0.0, [])
-        log.warning("suspension %s made lane-wide: %s", rule.id, reason)
-        return rule
+        selectors = {name: selectors.get(name) for name in ("domain", "campaign", "tenant")}
+        return await self.suspend(lane=lane, duration=duration, reason=reason, rule_id=rule_id, **selectors)
 
     async def suspend(
         self,
@@ -366,10 +347,17 @@ class Supervisor:
         tenant: str | None,
         duration: float | None,
         reason: str,
+        rule_id: str | None = None,
     ) -> Rule:
         """Stored first (so a worker starting now gets it in its init frame), then sent to running workers."""
         rule = self.suspensions.add(
-            lane=lane, domain=domain, campaign=campaign, tenant=tenant, duration=duration, reason=reason
+            lane=lane,
+            domain=domain,
+            campaign=campaign,
+            tenant=tenant,
+            duration=duration,
+            reason=reason,
+            rule_id=rule_id,
         )
         await self.fan_out(lane, "suspend", **rule.worker_args())
         self._queue_view = (0.0, [])
