@@ -163,16 +163,6 @@ def engine_toml(
     return toml_text(merge(document, extra or {}))
 
 
-def _envelope(path: Path) -> dict | None:
-    """A recorded message's envelope, or None while the sink is still writing it (the .eml comes first,
-    then the .json, neither atomically): the next poll reads it whole."""
-    try:
-        envelope = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return envelope if path.with_suffix(".eml").exists() else None
-
-
 class Sink:
     """`engine sink` as a subprocess that records every message."""
 
@@ -195,16 +185,16 @@ class Sink:
         """(envelope, message bytes) of every recorded message, in arrival order."""
         found = []
         for path in sorted(self.directory.glob("*.json")):
-            envelope = _envelope(path)
-            if envelope is not None:
-                found.append((envelope, path.with_suffix(".eml").read_bytes()))
+            eml = path.with_suffix(".eml")
+            if eml.exists():
+                found.append((json.loads(path.read_text()), eml.read_bytes()))
         return found
 
     def arrivals(self, seen: dict[str, tuple[dict, bytes]]) -> dict[str, tuple[dict, bytes]]:
         """Like messages(), but reads only files not in `seen` (which it updates): cheap to poll."""
         for path in self.directory.glob("*.json"):
-            if path.name not in seen and (envelope := _envelope(path)) is not None:
-                seen[path.name] = (envelope, path.with_suffix(".eml").read_bytes())
+            if path.name not in seen and path.with_suffix(".eml").exists():
+                seen[path.name] = (json.loads(path.read_text()), path.with_suffix(".eml").read_bytes())
         return seen
 
     def count(self) -> int:
