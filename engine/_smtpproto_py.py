@@ -16,6 +16,7 @@ __all__ = [
     "LINE_TOO_LONG",
     "OK",
     "check_data",
+    "content_status",
     "decode_data",
     "encode_data",
     "find_data_end",
@@ -128,12 +129,19 @@ def encode_data(message: bytes | bytearray) -> bytes:
     return stuffed + b".\r\n"
 
 
+def content_status(content: bytes | bytearray) -> int:
+    """OK, or BARE_LINE_ENDING / LINE_TOO_LONG for the first line of undotted content (BDAT) that SMTP
+    cannot carry: a bare CR or LF, or more than 1000 octets with its CRLF."""
+    _check_buffer(content)
+    return _line_status(bytes(content), _MAX_TEXT_LINE, False)
+
+
 def check_data(message: bytes | bytearray) -> bytes:
     """A CRLF message as BDAT content (RFC 3030: no dot-stuffing, no terminator), ending with CRLF; the same
     ValueError as encode_data for a line SMTP cannot carry."""
     _check_buffer(message)
     data = bytes(message)
-    status = _line_status(data, _MAX_TEXT_LINE, False)
+    status = content_status(data)
     if status == BARE_LINE_ENDING:
         raise ValueError("bare CR or LF in message")
     if status == LINE_TOO_LONG:

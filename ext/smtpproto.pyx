@@ -31,6 +31,7 @@ __all__ = [
     "LINE_TOO_LONG",
     "OK",
     "check_data",
+    "content_status",
     "decode_data",
     "encode_data",
     "find_data_end",
@@ -262,11 +263,8 @@ def encode_data(message) -> bytes:
     return result
 
 
-def check_data(message) -> bytes:
-    """A CRLF message as BDAT content (RFC 3030: no dot-stuffing, no terminator), ending with CRLF; the same
-    ValueError as encode_data for a line SMTP cannot carry."""
-    cdef Py_ssize_t n, s = 0, next_start = 0
-    cdef const unsigned char *p = _view(message, &n)
+cdef int _content_status(const unsigned char *p, Py_ssize_t n) noexcept:
+    cdef Py_ssize_t s = 0, next_start = 0
     cdef int status = _OK
     if not _crlf_only(p, n):
         status = _first_problem(p, n, _MAX_TEXT_LINE, False)
@@ -274,6 +272,23 @@ def check_data(message) -> bytes:
         if _octets(p, s, n, False, &next_start) > _MAX_TEXT_LINE:
             status = _TOO_LONG
         s = next_start
+    return status
+
+
+def content_status(content) -> int:
+    """OK, or BARE_LINE_ENDING / LINE_TOO_LONG for the first line of undotted content (BDAT) that SMTP
+    cannot carry: a bare CR or LF, or more than 1000 octets with its CRLF."""
+    cdef Py_ssize_t n
+    cdef const unsigned char *p = _view(content, &n)
+    return _content_status(p, n)
+
+
+def check_data(message) -> bytes:
+    """A CRLF message as BDAT content (RFC 3030: no dot-stuffing, no terminator), ending with CRLF; the same
+    ValueError as encode_data for a line SMTP cannot carry."""
+    cdef Py_ssize_t n
+    cdef const unsigned char *p = _view(message, &n)
+    cdef int status = _content_status(p, n)
     if status == _BARE:
         raise ValueError("bare CR or LF in message")
     if status == _TOO_LONG:

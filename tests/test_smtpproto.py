@@ -266,6 +266,12 @@ def test_check_data_refuses_bare_line_endings(proto: ModuleType, message: bytes)
         proto.check_data(message)
 
 
+def test_content_status_names_the_first_problem(proto: ModuleType) -> None:
+    assert proto.content_status(b"") == proto.content_status(b"a\r\n.\r\nb") == proto.OK
+    assert proto.content_status(b"x" * 999 + b"\r\nbare\n") == proto.LINE_TOO_LONG
+    assert proto.content_status(b"bare\n" + b"x" * 999 + b"\r\n") == proto.BARE_LINE_ENDING
+
+
 def test_check_data_line_length(proto: ModuleType) -> None:
     assert proto.check_data(b"x" * 998) == b"x" * 998 + b"\r\n"
     for message in (b"x" * 999 + b"\r\n", b"ok\r\n" + b"x" * 5000 + b"\r\n"):
@@ -489,6 +495,7 @@ def test_encode_data_agrees(message: bytes) -> None:
 def test_check_data_agrees(message: bytes) -> None:
     compiled, python = both()
     assert outcome(compiled.check_data, message) == outcome(python.check_data, message)
+    assert compiled.content_status(message) == python.content_status(bytearray(message))
 
 
 @PROPERTY

@@ -164,16 +164,6 @@ _READING = (_COMMAND, _DATA, _CHUNK, _AUTH)
 _MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8"})
 
 
-def _content_status(content: bytes) -> int:
-    """smtpproto's status of BDAT content, which is not dot-stuffed and so cannot go through decode_data."""
-    crlf = content.count(b"\r\n")
-    if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
-        return smtpproto.BARE_LINE_ENDING
-    if len(content) > MAX_TEXT_LINE - 2 and max(map(len, content.split(b"\r\n"))) > MAX_TEXT_LINE - 2:
-        return smtpproto.LINE_TOO_LONG
-    return smtpproto.OK
-
-
 def _decode_response(line: bytes) -> str | None:
     """A base64 SASL response as text ("=" is the empty one); None if it is not valid base64 UTF-8."""
     if line == b"=":
@@ -368,7 +358,8 @@ class SMTPServerProtocol(asyncio.Protocol):
         chunks = self._chunks
         if self._chunk_refusal is None and chunks is not None:
             keep = min(take, self._limits.max_message_size - len(chunks))
-            chunks += self._buffer[position : position + keep]
+            with memoryview(self._buffer) as view:
+                chunks += view[position : position + keep]
             if keep < take:
                 self._chunk_refusal = TOO_BIG
         self._chunk_left -= take
@@ -388,7 +379,7 @@ class SMTPServerProtocol(asyncio.Protocol):
             message = bytes(chunks)
             if message and not message.endswith(b"\r\n"):
                 message += b"\r\n"
-            if not self._refuse_content(_content_status(message)):
+            if not self._refuse_content(smtpproto.content_status(message)):
                 self._deliver(message)
         return position
 
