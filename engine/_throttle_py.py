@@ -8,11 +8,19 @@ process-shared pthread mutex per slot (through ctypes here), so either can drive
 A worker killed while holding a slot's mutex leaves it to the next locker (EOWNERDEAD); its connection
 leases are dropped by reclaim(worker) or expire on their own when not renewed.
 
-Layout (little-endian): a 64-byte header (magic b"ENGTHRT1", u32 slots, u32 workers, u32 slot size),
-then `slots` slots of 64 + 32 * workers bytes: pthread_mutex_t at 0 (48 bytes reserved), u64 key at 48
-(0 = free; keys are never removed), i64 GCRA theoretical arrival time in nanoseconds at 56, then per
-worker entry: i64 worker id, i64 open connections, f64 lease seconds, f64 lease end (monotonic seconds).
-Times are time.monotonic() seconds, shared by every process on the host.
+Clustered nodes share a rate through Redis (engine.cluster.rates): the supervisor switches the table to
+leased mode, and then a message also needs a token the supervisor leased from the cluster for its slot.
+acquire() leaves the slot's rate, burst and unmet demand for the supervisor to read (demand()) and the
+supervisor hands tokens out with grant(); a token not used by its end time is dropped, so tokens leased
+in one moment cannot pile up into a burst later.
+
+Layout (little-endian): a 64-byte header (magic b"ENGTHRT2", u32 slots, u32 workers, u32 slot size,
+u32 leased flag), then `slots` slots of 128 + 32 * workers bytes: pthread_mutex_t at 0 (48 bytes
+reserved), u64 key at 48 (0 = free; keys are never removed), i64 GCRA theoretical arrival time in
+nanoseconds at 56, the lease fields at 64 (f64 rate and i64 burst last asked for, i64 leased tokens,
+i64 their end in nanoseconds, i64 acquires refused for want of a token and i64 tokens taken, both since
+the last grant), then per worker entry: i64 worker id, i64 open connections, f64 lease seconds, f64
+lease end (monotonic seconds). Times are time.monotonic() seconds, shared by every process on the host.
 """
 
 from __future__ import annotations
@@ -26,14 +34,19 @@ import struct
 
 __all__ = ["TableFull", "ThrottleTable", "throttle_key"]
 
-MAGIC = b"ENGTHRT1"
+MAGIC = b"ENGTHRT2"
 HEADER = struct.Struct("<8sIII")
 HEADER_SIZE = 64
+LEASED_AT = 20
 MUTEX_SIZE = 48
-SLOT_HEAD = 64
+LEASE_AT = 64
+SLOT_HEAD = 128
+LEASE_WAIT = 0.025  # seconds a worker waits for tokens when its slot has none (the supervisor leases every 50 ms)
 ENTRY = struct.Struct("<qqdd")
 _KEY = struct.Struct("<Q")
 _SLOT = struct.Struct("<Qq")
+_LEASE = struct.Struct("<dqqqqq")  # rate, burst, tokens, tokens' end (ns), refused, taken
+_FLAG = struct.Struct("<I")
 MIN_RATE = 0.001
 MAX_RATE = 1e9
 MAX_BURST = 1_000_000
@@ -204,8 +217,61 @@ class ThrottleTable:
             wait = tat - now_ns - (burst - 1) * interval
             if wait > 0:
                 return wait / 1e9
+            if self.leased() and not self._take_token(offset, rate, burst, now_ns):
+                return LEASE_WAIT
             _SLOT.pack_into(self._map, position, key, tat + interval)
             return 0.0
+        finally:
+            self._release_lock(offset)
+
+    def _take_token(self, offset: int, rate: float, burst: int, now_ns: int) -> bool:
+        position = HEADER_SIZE + offset + LEASE_AT
+        _, _, tokens, until, refused, taken = _LEASE.unpack_from(self._map, position)
+        if tokens > 0 and until > now_ns:
+            _LEASE.pack_into(self._map, position, rate, burst, tokens - 1, until, refused, taken + 1)
+            return True
+        _LEASE.pack_into(self._map, position, rate, burst, 0, until, refused + 1, taken)
+        return False
+
+    # cluster leases
+
+    def leased(self) -> bool:
+        """Whether a message also needs a token leased from the cluster (see grant())."""
+        return _FLAG.unpack_from(self._map, LEASED_AT)[0] != 0
+
+    def set_leased(self, leased: bool) -> None:
+        """The supervisor's switch: on while it leases tokens from the cluster, off to shape alone."""
+        _FLAG.pack_into(self._map, LEASED_AT, 1 if leased else 0)
+
+    def demand(self, now: float) -> list[tuple[int, float, int, int, int, int]]:
+        """(key, rate, burst, valid tokens left, acquires refused, tokens taken) of every slot that asked for
+        or took a token since its last grant: the keys the supervisor leases tokens for, and how many."""
+        now_ns = int(now * 1e9)
+        found = []
+        for slot in range(self.slots):
+            offset = slot * self._slot_size
+            (key,) = _KEY.unpack_from(self._map, HEADER_SIZE + offset + MUTEX_SIZE)
+            if key == 0:
+                continue
+            self._acquire_lock(offset)
+            try:
+                lease = _LEASE.unpack_from(self._map, HEADER_SIZE + offset + LEASE_AT)
+            finally:
+                self._release_lock(offset)
+            rate, burst, tokens, until, refused, taken = lease
+            if refused or taken:
+                found.append((key, rate, burst, tokens if until > now_ns else 0, refused, taken))
+        return found
+
+    def grant(self, key: int, tokens: int, now: float, until: float) -> None:
+        """Adds `tokens` leased from the cluster to the key's slot (with those still valid at `now`); all of
+        them expire at `until`. Clears the slot's demand."""
+        offset = self._locate(key, True)
+        try:
+            position = HEADER_SIZE + offset + LEASE_AT
+            rate, burst, left, end, _, _ = _LEASE.unpack_from(self._map, position)
+            left = left if end > int(now * 1e9) else 0
+            _LEASE.pack_into(self._map, position, rate, burst, left + max(tokens, 0), int(until * 1e9), 0, 0)
         finally:
             self._release_lock(offset)
 

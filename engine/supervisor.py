@@ -26,6 +26,7 @@ from aiohttp import web
 
 from engine.admin.app import create_app
 from engine.admin.store import Rule, SuspensionStore
+from engine.cluster import Cluster
 from engine.compliance import load_secret
 from engine.config import Config, ConfigError, Listener, load_config
 from engine.control import ControlClient, ControlError, channel_pair, send_init
@@ -94,6 +95,7 @@ class Supervisor:
         self.events: EventLog | None = None
         self.suppression: SuppressionList | None = None
         self.complaints: ComplaintLog | None = None
+        self.cluster: Cluster | None = None
         self.secret = b""
         self._queue_view: tuple[float, list[dict]] = (0.0, [])
         self._notices: set[asyncio.Task] = set()
@@ -118,6 +120,7 @@ class Supervisor:
         self.suppression = SuppressionList(suppression_path(self.config.engine.spool_dir))
         self.complaints = ComplaintLog(complaint_log_path(self.config.engine.spool_dir))
         self.secret = load_secret(self.config)
+        self.cluster = self._join_cluster()
         admin = web.AppRunner(create_app(self), access_log=None)
         await admin.setup()
         listen = self.config.admin.listen
@@ -132,6 +135,8 @@ class Supervisor:
                 slot.process.send_signal(signal.SIGTERM)
         await asyncio.gather(*tasks)
         await admin.cleanup()
+        if self.cluster is not None:
+            await self.cluster.close()
         if self.webhook is not None:
             await self.webhook.close()
         self.suppression.close()
@@ -362,6 +367,8 @@ class Supervisor:
         await self.fan_out(lane, "suspend", **rule.worker_args())
         self._queue_view = (0.0, [])
         log.info("suspension %s added: %s", rule.id, rule)
+        if self.cluster is not None:
+            self.cluster.rule_added(rule)
         return rule
 
     async def resume(self, rule_id: str) -> Rule | None:
@@ -370,7 +377,41 @@ class Supervisor:
             await self.fan_out(rule.lane, "resume", rule_id=rule_id)
             self._queue_view = (0.0, [])
             log.info("suspension %s resumed", rule_id)
+            if self.cluster is not None:
+                self.cluster.rule_removed(rule_id)
         return rule
+
+    # cluster (engine.cluster)
+
+    def _join_cluster(self) -> Cluster | None:
+        """With `[cluster] redis`, suppression, suspensions and rates are shared with the other nodes."""
+        if self.config.cluster.redis is None:
+            self.suppression.set_journal(False)
+            return None
+        cluster = Cluster(
+            self.config.cluster.redis,
+            f"{self.config.engine.hostname}/{os.getpid()}",
+            self,
+            self.suppression,
+            self.throttles,
+        )
+        cluster.start()
+        return cluster
+
+    async def adopt_remote_rule(self, rule: Rule) -> None:
+        """A suspension another node made: stored as it is and sent to this node's workers, not shared again."""
+        self.suspensions.put(rule)
+        await self.fan_out(rule.lane, "suspend", **rule.worker_args())
+        self._queue_view = (0.0, [])
+        log.info("suspension %s from the cluster: %s", rule.id, rule)
+
+    async def drop_remote_rule(self, rule_id: str) -> None:
+        """A suspension resumed on another node (or ended while this one was away)."""
+        rule = self.suspensions.remove(rule_id)
+        if rule is not None:
+            await self.fan_out(rule.lane, "resume", rule_id=rule_id)
+            self._queue_view = (0.0, [])
+            log.info("suspension %s resumed by the cluster", rule_id)
 
     async def bounce(
         self, *, lane: str | None, domain: str | None, campaign: str | None, tenant: str | None, reason: str

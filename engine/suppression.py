@@ -9,26 +9,35 @@ the admin API committed it, without a restart or a message between processes.
     suppressed.add("bob@example.org", tenant="acme", reason="one-click unsubscribe")
     suppressed.contains("Bob@example.org", "acme")  # True: addresses compare case-insensitively
     suppressed.contains("bob@example.org", "other")  # False: only acme's list and the global one apply
+
+In a cluster every node keeps its own list and the supervisor replicates it (engine.cluster.suppression).
+With the journal switched on (set_journal), every add and remove, in whichever process it happens, also
+writes a Change to a journal in the same transaction; the supervisor publishes the journal and forgets
+what it published, so an add made while Redis is unreachable waits there, durable, until it can spread.
+Changes that came from other nodes are applied with apply(), which does not journal them again.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lmdb
 import msgpack
 
-__all__ = ["SuppressionEntry", "SuppressionList", "suppression_path"]
+__all__ = ["Change", "SuppressionEntry", "SuppressionList", "suppression_path"]
 
 log = logging.getLogger(__name__)
 
 DIRECTORY = "suppression"
 _SEPARATOR = b"\x00"
+_JOURNAL_ON = b"journal"
+_SEQUENCE = struct.Struct(">Q")
 
 
 def suppression_path(spool_dir: Path) -> Path:
@@ -45,6 +54,17 @@ class SuppressionEntry:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One add (value = the entry's packed reason and time) or remove (value None) of a list key."""
+
+    key: bytes  # tenant NUL address, as the list stores it
+    value: bytes | None
+
+    def entry(self) -> SuppressionEntry | None:
+        return None if self.value is None else _entry(self.key, self.value)
 
 
 def _key(address: str, tenant: str | None) -> bytes:
@@ -66,8 +86,10 @@ class SuppressionList:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._map_size_cap = max(map_size, map_size_cap)
-        self._env = lmdb.open(str(self.path), map_size=map_size, sync=True, metasync=True, max_dbs=1, lock=True)
+        self._env = lmdb.open(str(self.path), map_size=map_size, sync=True, metasync=True, max_dbs=3, lock=True)
         self._db = self._env.open_db(b"suppression")
+        self._journal = self._env.open_db(b"journal")
+        self._state = self._env.open_db(b"state")
         self._max_key = self._env.max_key_size()
         self._write_lock = threading.Lock()
         cleared = self._env.reader_check()
@@ -82,12 +104,25 @@ class SuppressionList:
         """Adds several addresses in one durable transaction; returns how many were new."""
         value = msgpack.packb([reason, time.time()])
         keys = [self._checked(_key(address, tenant)) for address in addresses]
-        return self._write(lambda txn: sum(txn.put(key, value, overwrite=False) for key in keys))
+
+        def add(txn: lmdb.Transaction) -> int:
+            added = [key for key in keys if txn.put(key, value, overwrite=False)]
+            self._record(txn, [Change(key, value) for key in added])
+            return len(added)
+
+        return self._write(add)
 
     def remove(self, address: str, tenant: str | None = None) -> bool:
         """Lifts one suppression (the global one when tenant is None); False when there was none."""
         key = self._checked(_key(address, tenant))
-        return self._write(lambda txn: txn.delete(key))
+
+        def remove(txn: lmdb.Transaction) -> bool:
+            removed = txn.delete(key)
+            if removed:
+                self._record(txn, [Change(key, None)])
+            return removed
+
+        return self._write(remove)
 
     def contains(self, address: str, tenant: str | None = None) -> bool:
         """Whether mail of `tenant` must not go to `address`: on the global list or on the tenant's."""
@@ -123,6 +158,92 @@ class SuppressionList:
 
     def close(self) -> None:
         self._env.close()
+
+    # replication (engine.cluster.suppression)
+
+    def set_journal(self, enabled: bool) -> None:
+        """Starts journaling every change, or stops and drops the journal (a node that left its cluster)."""
+
+        def switch(txn: lmdb.Transaction) -> None:
+            if enabled:
+                txn.put(_JOURNAL_ON, b"1", db=self._state)
+            elif txn.delete(_JOURNAL_ON, db=self._state):
+                txn.drop(self._journal, delete=False)
+
+        self._write(switch)
+
+    def journal(self, limit: int = 1000) -> list[tuple[bytes, Change]]:
+        """The oldest unpublished changes, each with its journal position for forget()."""
+
+        def oldest(txn: lmdb.Transaction) -> list[tuple[bytes, Change]]:
+            found = []
+            for position, packed in txn.cursor(self._journal):
+                if len(found) >= limit:
+                    break
+                key, value = msgpack.unpackb(packed)
+                found.append((position, Change(key, value)))
+            return found
+
+        return self._read(oldest)
+
+    def forget(self, positions: Iterable[bytes]) -> None:
+        """Drops published changes from the journal."""
+        positions = list(positions)
+        self._write(lambda txn: [txn.delete(position, db=self._journal) for position in positions])
+
+    def apply(self, changes: Iterable[Change], state: Mapping[str, bytes] | None = None) -> int:
+        """Applies changes made on other nodes, in order, without journaling them, and sets `state` values
+        in the same transaction; returns how many changed the list. An add never replaces an entry the list
+        already has (it keeps its own reason and time)."""
+        changes = [Change(self._checked(change.key), change.value) for change in changes]
+
+        def apply(txn: lmdb.Transaction) -> int:
+            changed = 0
+            for change in changes:
+                if change.value is None:
+                    changed += txn.delete(change.key)
+                else:
+                    changed += txn.put(change.key, change.value, overwrite=False)
+            for name, value in (state or {}).items():
+                txn.put(name.encode(), value, db=self._state)
+            return changed
+
+        return self._write(apply)
+
+    def items(self, after: bytes = b"", limit: int = 1000) -> list[Change]:
+        """Every entry as an add, in key order, `limit` at a time: pass the last key seen as `after`."""
+
+        def page(txn: lmdb.Transaction) -> list[Change]:
+            cursor = txn.cursor(self._db)
+            if not cursor.set_range(after):
+                return []
+            found = []
+            for key, value in cursor.iternext():
+                if key == after:
+                    continue
+                if len(found) >= limit:
+                    break
+                found.append(Change(key, value))
+            return found
+
+        return self._read(page)
+
+    def state(self, name: str) -> bytes | None:
+        """A value the replication keeps with the list (its cluster's epoch, its place in the change stream)."""
+        return self._read(lambda txn: txn.get(name.encode(), db=self._state))
+
+    def set_state(self, name: str, value: bytes) -> None:
+        self._write(lambda txn: txn.put(name.encode(), value, db=self._state))
+
+    def _record(self, txn: lmdb.Transaction, changes: list[Change]) -> None:
+        """Journals changes when the journal is on; positions grow within the writer-serialised transaction."""
+        if not changes or txn.get(_JOURNAL_ON, db=self._state) is None:
+            return
+        cursor = txn.cursor(self._journal)
+        last = _SEQUENCE.unpack(cursor.key())[0] if cursor.last() else 0
+        position = max(last + 1, time.time_ns())
+        for offset, change in enumerate(changes):
+            txn.put(_SEQUENCE.pack(position + offset), msgpack.packb([change.key, change.value]), db=self._journal)
 
     def _scan(self, txn: lmdb.Transaction, tenant: str | None) -> Iterator[tuple[bytes, bytes]]:
         cursor = txn.cursor(self._db)

@@ -14,6 +14,7 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from engine._throttle_py import (
+    LEASE_WAIT,
     MAX_BURST,
     MAX_RATE,
     MIN_RATE,
@@ -61,13 +62,37 @@ cdef struct Entry:
     double until
 
 
+cdef struct Lease:
+    double rate
+    int64_t burst
+    int64_t tokens
+    int64_t until
+    int64_t refused
+    int64_t taken
+
+
 cdef enum:
     _HEADER = 64
+    _LEASED = 20
     _KEY = 48
     _TAT = 56
-    _ENTRIES = 64
+    _LEASE = 64
+    _ENTRIES = 128
 
 cdef uint64_t _GOLDEN = 0x9E3779B97F4A7C15ULL
+
+
+cdef inline bint _take_token(Lease *lease, double rate, int64_t burst, int64_t now_ns) noexcept nogil:
+    """One leased token for a message, if the slot holds a valid one; else the refusal counts as demand."""
+    lease.rate = rate
+    lease.burst = burst
+    if lease.tokens > 0 and lease.until > now_ns:
+        lease.tokens -= 1
+        lease.taken += 1
+        return True
+    lease.tokens = 0
+    lease.refused += 1
+    return False
 
 
 cdef class ThrottleTable:
@@ -77,6 +102,7 @@ cdef class ThrottleTable:
     cdef Py_buffer _view
     cdef bint _viewing
     cdef char *_slots
+    cdef uint32_t *_leased
     cdef uint64_t _mask
     cdef uint32_t _slot_size
     cdef readonly uint32_t slots
@@ -96,6 +122,7 @@ cdef class ThrottleTable:
         memcpy(&self._slot_size, header + 16, 4)
         self._mask = self.slots - 1
         self._slots = <char *>self._view.buf + _HEADER
+        self._leased = <uint32_t *>(<char *>self._view.buf + _LEASED)
 
     def __dealloc__(self):
         if self._viewing:
@@ -160,10 +187,69 @@ cdef class ThrottleTable:
         if tat < now_ns:
             tat = now_ns
         wait = tat - now_ns - (burst - 1) * interval
-        if wait <= 0:
-            (<int64_t *>(slot + _TAT))[0] = tat + interval
+        if wait > 0:
+            throttle_unlock(slot)
+            return wait / 1e9
+        if self._leased[0] and not _take_token(<Lease *>(slot + _LEASE), rate, burst, now_ns):
+            throttle_unlock(slot)
+            return LEASE_WAIT
+        (<int64_t *>(slot + _TAT))[0] = tat + interval
         throttle_unlock(slot)
-        return wait / 1e9 if wait > 0 else 0.0
+        return 0.0
+
+    def leased(self) -> bool:
+        """Whether a message also needs a token leased from the cluster (see grant())."""
+        self._check_open()
+        return self._leased[0] != 0
+
+    def set_leased(self, bint leased) -> None:
+        """The supervisor's switch: on while it leases tokens from the cluster, off to shape alone."""
+        self._check_open()
+        self._leased[0] = 1 if leased else 0
+
+    def demand(self, double now) -> list:
+        """(key, rate, burst, valid tokens left, acquires refused, tokens taken) of every slot that asked for
+        or took a token since its last grant: the keys the supervisor leases tokens for, and how many."""
+        cdef int64_t now_ns = <int64_t>(now * 1e9)
+        cdef uint64_t index, key
+        cdef char *slot
+        cdef Lease lease
+        cdef int64_t tokens
+        cdef int status
+        found = []
+        self._check_open()
+        for index in range(self.slots):
+            slot = self._slots + index * self._slot_size
+            key = throttle_peek_key(slot)
+            if key == 0:
+                continue
+            status = throttle_lock(slot)
+            if status:
+                raise OSError(status, os.strerror(status))
+            lease = (<Lease *>(slot + _LEASE))[0]
+            throttle_unlock(slot)
+            if lease.refused or lease.taken:
+                tokens = lease.tokens if lease.until > now_ns else 0
+                found.append((key, lease.rate, lease.burst, tokens, lease.refused, lease.taken))
+        return found
+
+    def grant(self, uint64_t key, int64_t tokens, double now, double until) -> None:
+        """Adds `tokens` leased from the cluster to the key's slot (with those still valid at `now`); all of
+        them expire at `until`. Clears the slot's demand."""
+        cdef char *slot = self._locate(key, True)
+        cdef Lease *lease = <Lease *>(slot + _LEASE)
+        if lease.until <= <int64_t>(now * 1e9):
+            lease.tokens = 0
+        lease.tokens += tokens if tokens > 0 else 0
+        lease.until = <int64_t>(until * 1e9)
+        lease.refused = 0
+        lease.taken = 0
+        throttle_unlock(slot)
+
+    cdef int _check_open(self) except -1:
+        if not self._viewing:
+            raise ValueError("the table is closed")
+        return 0
 
     def open_connection(self, uint64_t key, int64_t limit, int64_t worker, double now, double lease) -> bool:
         """Takes one of the key's `limit` connection slots for `worker` (held for `lease` s unless renewed)."""

@@ -69,6 +69,11 @@ class SuspensionStore:
         self._save()
         return rule
 
+    def put(self, rule: Rule) -> None:
+        """Stores a rule as it is, id and times included (one another node of the cluster made)."""
+        self.rules[rule.id] = rule
+        self._save()
+
     def remove(self, rule_id: str) -> Rule | None:
         rule = self.rules.pop(rule_id, None)
         if rule is not None:
