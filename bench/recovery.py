@@ -7,8 +7,9 @@ spool_dir/transactional/0: msgpack envelopes, ~200-byte bodies, one recipient ea
 in an hour, so every message is waiting, not ready. Then starts `engine serve` on that spool_dir and times
 from the start of the command until the worker logs "recovered N messages" and until its listener answers
 EHLO; the worker's peak (VmHWM) and current (VmRSS) resident memory are read from /proc at that moment,
-with the current split into anonymous memory and mapped spool pages (listing the envelopes maps the
-whole LMDB file, bodies included, because its pages interleave and the kernel maps cached neighbours).
+with the current split into anonymous memory and mapped file pages (shared libraries and whatever of
+the LMDB spool is mapped: envelope and body pages interleave in the file and the kernel's fault-around maps
+cached neighbours, so Spool.envelopes() unmaps what each chunk touched).
 The spool's pages are in the page cache (it was just written), as after a worker crash on a running node.
 An empty spool, restarted the same way in the same run, is the baseline: what start-up alone costs.
 

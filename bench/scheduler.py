@@ -158,13 +158,14 @@ def _rss() -> int:
 
 
 def _measure_memory(module: str, items: int) -> None:
-    """In a fresh process: RSS growth while `items` waiting items are scheduled, printed as bytes."""
+    """In a fresh process: RSS growth while `items` waiting items are scheduled, each with a 12-byte spool key
+    and its creation time as the dispatcher schedules them, printed as bytes."""
     sched = __import__(module, fromlist=["Scheduler"])
     scheduler = sched.Scheduler(capacity=items)
     before = _rss()
     schedule = scheduler.schedule
     for item in range(items):
-        schedule(item, item % 1000, item % 10, 1e6 + item, 2e6 + item)
+        schedule(item, item % 1000, item % 10, 1e6 + item, 2e6 + item, key=item.to_bytes(12, "big"), created=1.0)
     print(_rss() - before)
 
 

@@ -1,23 +1,26 @@
-"""Pure-Python twin of engine._scheduler: ready queues by priority, retry timers, expiry, suspensions.
+"""Pure-Python twin of engine._scheduler: ready queues by priority, retry timers, expiry, holds.
 
 Same API and the same decisions as the compiled module, written for clarity (heapq with lazy deletion)
 and used when no compiler was at hand or ENGINE_PURE_PYTHON=1.
 
-An item is an int the worker maps to a spool key; it sits on one queue (an int per (egress, domain)).
-Order inside a queue: priority 0 before 9, then the order in which items became ready. Waiting items
-become ready in (due, rank) order; expired() returns items in (expires, item) order, in any state.
-Items of a suspended campaign or tenant are parked when pop() meets them and go back to their queue,
-in their original order, when the suspension is lifted; a suspended queue simply pops nothing.
+An item is an int id carrying the caller's spool key (at most KEY_SIZE bytes) and creation time; it sits
+on one queue (an int per (egress, domain)). Order inside a queue: priority 0 before 9, then the order in
+which items became ready. Waiting items become ready in (due, rank) order; expired() returns items in
+(expires, item) order, in any state. Items a hold matches (by queue, campaign, tenant) are parked when
+pop() meets them and go back to their queue, in their original order, when the hold is released.
+An entry is (item, queue, priority, key, created, expires, campaign, tenant).
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 
-__all__ = ["MAX_QUEUES", "PRIORITIES", "Scheduler", "SchedulerFull"]
+__all__ = ["KEY_SIZE", "MAX_QUEUES", "PRIORITIES", "Scheduler", "SchedulerFull"]
 
 PRIORITIES = 10
 MAX_QUEUES = 1 << 20
+KEY_SIZE = 16
 
 _WAITING, _READY, _PARKED = 0, 1, 2
 _RANK_SHIFT = 56
@@ -29,10 +32,36 @@ class SchedulerFull(Exception):
 
 
 class _Record:
-    __slots__ = ("campaign", "due", "expires", "item", "priority", "queue", "rank", "state", "tenant", "token")
+    __slots__ = (
+        "campaign",
+        "created",
+        "due",
+        "expires",
+        "item",
+        "key",
+        "priority",
+        "queue",
+        "rank",
+        "state",
+        "tenant",
+        "token",
+    )
 
-    def __init__(self, item: int, queue: int, priority: int, due: float, expires: float, campaign: int, tenant: int):
+    def __init__(
+        self,
+        item: int,
+        queue: int,
+        priority: int,
+        due: float,
+        expires: float,
+        campaign: int,
+        tenant: int,
+        key: bytes,
+        created: float,
+    ):
         self.item = item
+        self.key = key
+        self.created = created
         self.queue = queue
         self.priority = priority
         self.due = due
@@ -43,16 +72,27 @@ class _Record:
         self.state = _WAITING
         self.token = 0
 
+    def entry(self) -> tuple:
+        return (
+            self.item,
+            self.queue,
+            self.priority,
+            self.key,
+            self.created,
+            self.expires,
+            self.campaign,
+            self.tenant,
+        )
+
 
 class _Queue:
-    __slots__ = ("heap", "parked", "ready", "suspended", "waiting")
+    __slots__ = ("heap", "parked", "ready", "waiting")
 
     def __init__(self) -> None:
         self.heap: list[tuple[int, int]] = []
         self.ready = 0
         self.waiting = 0
         self.parked = 0
-        self.suspended = False
 
 
 class Scheduler:
@@ -67,8 +107,7 @@ class Scheduler:
         self._timers: list[tuple[float, int, int]] = []
         self._expiry: list[tuple[float, int, int]] = []
         self._parked: dict[int, _Record] = {}
-        self._campaigns: set[int] = set()
-        self._tenants: set[int] = set()
+        self._holds: dict[int, tuple[int, int, int]] = {}
         self._counter = 0
         self._garbage = 0
 
@@ -92,8 +131,12 @@ class Scheduler:
         campaign: int = 0,
         tenant: int = 0,
         now: float = 0.0,
+        key: bytes | None = None,
+        created: float = 0.0,
     ) -> None:
-        """Holds an item, ready at once when due <= now (pass due=0 for "now"); SchedulerFull when full."""
+        """Holds an item, ready at once when due <= now (pass due=0 for "now"); SchedulerFull when full.
+        `key` (at most KEY_SIZE bytes) and `created` ride along and come back in the item's entry."""
+        key = b"" if key is None else bytes(key)
         if not 0 <= priority < PRIORITIES:
             raise ValueError("priority must be in [0, 10)")
         if not 0 <= queue < MAX_QUEUES:
@@ -102,11 +145,13 @@ class Scheduler:
             raise ValueError("item must be >= 0")
         if due != due or expires != expires:
             raise ValueError("due and expires must not be NaN")
+        if len(key) > KEY_SIZE:
+            raise ValueError("key must be at most 16 bytes")
         if item in self._records:
             raise ValueError(f"item {item} is already scheduled")
         if len(self._records) >= self._capacity:
             raise SchedulerFull(f"scheduler full ({self._capacity} items)")
-        record = _Record(item, queue, priority, due, expires, campaign, tenant)
+        record = _Record(item, queue, priority, due, expires, campaign, tenant, key, created)
         self._counter += 1
         record.token = self._counter
         record.rank = (priority << _RANK_SHIFT) | self._counter
@@ -124,7 +169,7 @@ class Scheduler:
         heapq.heappush(self._expiry, (expires, item, record.token))
 
     def advance(self, now: float) -> list[int]:
-        """Moves items due by `now` to their ready queues; returns the (unsuspended) queues that got some."""
+        """Moves items due by `now` to their ready queues; returns the queues that got some."""
         woken: list[int] = []
         seen: set[int] = set()
         timers = self._timers
@@ -141,16 +186,25 @@ class Scheduler:
             state.waiting -= 1
             state.ready += 1
             heapq.heappush(state.heap, (record.rank, item))
-            if not state.suspended and record.queue not in seen:
+            if record.queue not in seen:
                 seen.add(record.queue)
                 woken.append(record.queue)
         return woken
 
     def pop(self, queue: int) -> int:
-        """The most urgent poppable item of `queue`, removed from the scheduler; -1 when there is none."""
+        """The most urgent unheld item of `queue`, removed from the scheduler; -1 when there is none."""
+        record = self._pop_record(queue)
+        return -1 if record is None else record.item
+
+    def pop_entry(self, queue: int) -> tuple | None:
+        """Like pop(), but the whole entry, or None."""
+        record = self._pop_record(queue)
+        return None if record is None else record.entry()
+
+    def _pop_record(self, queue: int) -> _Record | None:
         state = self._queues.get(queue)
-        if state is None or state.suspended:
-            return -1
+        if state is None:
+            return None
         heap = state.heap
         while heap:
             rank, item = heapq.heappop(heap)
@@ -159,9 +213,7 @@ class Scheduler:
                 self._garbage -= 1
                 continue
             state.ready -= 1
-            if (self._campaigns and record.campaign in self._campaigns) or (
-                self._tenants and record.tenant in self._tenants
-            ):
+            if self._holds and self._held(record):
                 record.state = _PARKED
                 state.parked += 1
                 self._parked[item] = record
@@ -169,12 +221,16 @@ class Scheduler:
             del self._records[item]
             self._garbage += 1
             self._maybe_compact()
-            return item
-        return -1
+            return record
+        return None
 
     def expired(self, now: float) -> list[int]:
         """Removes and returns every item whose expiry is <= now, whatever its state."""
-        out: list[int] = []
+        return [entry[0] for entry in self.expired_entries(now)]
+
+    def expired_entries(self, now: float) -> list[tuple]:
+        """Like expired(), but entries as pop_entry() gives them."""
+        out: list[tuple] = []
         expiry = self._expiry
         while expiry and expiry[0][0] <= now:
             _, item, token = heapq.heappop(expiry)
@@ -183,7 +239,7 @@ class Scheduler:
                 self._garbage -= 1
                 continue
             self._discard(record, expiry_entry=False)
-            out.append(item)
+            out.append(record.entry())
         self._maybe_compact()
         return out
 
@@ -195,6 +251,21 @@ class Scheduler:
         self._discard(record, expiry_entry=True)
         self._maybe_compact()
         return True
+
+    def remove_matching(self, queues=None, campaign: int = 0, tenant: int = 0) -> list[tuple]:
+        """Drops every held item (any state) on one of `queues` (None: any), of `campaign` and of `tenant`
+        (0: any); returns their entries in item order."""
+        chosen = [
+            record
+            for record in self._records.values()
+            if (not campaign or record.campaign == campaign)
+            and (not tenant or record.tenant == tenant)
+            and (queues is None or record.queue in queues)
+        ]
+        for record in chosen:
+            self._discard(record, expiry_entry=True)
+        self._maybe_compact()
+        return sorted(record.entry() for record in chosen)
 
     def next_due(self) -> float | None:
         """Due time of the earliest waiting item, None when nothing waits."""
@@ -226,51 +297,52 @@ class Scheduler:
         return (0, 0) if state is None else (state.ready, state.waiting)
 
     def parked(self, queue: int) -> int:
-        """Items of `queue` parked by a campaign or tenant suspension."""
+        """Items of `queue` parked by a hold."""
         state = self._queues.get(queue)
         return 0 if state is None else state.parked
 
-    def suspend_queue(self, queue: int) -> None:
-        if not 0 <= queue < MAX_QUEUES:
-            raise ValueError("queue must be in [0, 2**20)")
-        state = self._queues.get(queue)
-        if state is None:
-            state = self._queues[queue] = _Queue()
-        state.suspended = True
+    def summary(self) -> list[tuple[int, int, int, int, float]]:
+        """(queue, ready, waiting, parked, oldest created) of every queue holding items, in queue order."""
+        oldest: dict[int, float] = {}
+        for record in self._records.values():
+            oldest[record.queue] = min(oldest.get(record.queue, math.inf), record.created)
+        return [
+            (queue, state.ready, state.waiting, state.parked, oldest[queue])
+            for queue, state in sorted(self._queues.items())
+            if state.ready or state.waiting or state.parked
+        ]
 
-    def resume_queue(self, queue: int) -> list[int]:
-        """Returns [queue] when it has ready items to wake, else []."""
-        state = self._queues.get(queue)
-        if state is None or not state.suspended:
+    def hold(self, hold_id: int, queue: int = -1, campaign: int = 0, tenant: int = 0) -> None:
+        """Parks, when pop() meets them, the items on `queue` (-1: any) of `campaign` and of `tenant` (0: any);
+        they stay held (and still expire) until release(hold_id)."""
+        if not -1 <= queue < MAX_QUEUES:
+            raise ValueError("queue must be in [-1, 2**20)")
+        if campaign < 0 or tenant < 0:
+            raise ValueError("campaign and tenant must be >= 0")
+        if hold_id in self._holds:
+            raise ValueError(f"hold {hold_id} exists")
+        self._holds[hold_id] = (queue, campaign, tenant)
+
+    def release(self, hold_id: int) -> list[int]:
+        """Ends a hold and unparks what no other hold keeps, in its original order; returns the queues that
+        got items back, in the order their first item was parked."""
+        if self._holds.pop(hold_id, None) is None:
             return []
-        state.suspended = False
-        return [queue] if state.ready else []
-
-    def suspend_campaign(self, campaign: int) -> None:
-        if campaign <= 0:
-            raise ValueError("campaign must be > 0")
-        self._campaigns.add(campaign)
-
-    def resume_campaign(self, campaign: int) -> list[int]:
-        """Unparks what no other suspension holds; returns the (unsuspended) queues that got items back."""
-        self._campaigns.discard(campaign)
         return self._unpark()
 
-    def suspend_tenant(self, tenant: int) -> None:
-        if tenant <= 0:
-            raise ValueError("tenant must be > 0")
-        self._tenants.add(tenant)
-
-    def resume_tenant(self, tenant: int) -> list[int]:
-        """Unparks what no other suspension holds; returns the (unsuspended) queues that got items back."""
-        self._tenants.discard(tenant)
-        return self._unpark()
+    def _held(self, record: _Record) -> bool:
+        return any(
+            (queue < 0 or queue == record.queue)
+            and (not campaign or campaign == record.campaign)
+            and (not tenant or tenant == record.tenant)
+            for queue, campaign, tenant in self._holds.values()
+        )
 
     def _unpark(self) -> list[int]:
         woken: list[int] = []
         seen: set[int] = set()
         for item, record in list(self._parked.items()):
-            if record.campaign in self._campaigns or record.tenant in self._tenants:
+            if self._held(record):
                 continue
             del self._parked[item]
             record.state = _READY
@@ -278,7 +350,7 @@ class Scheduler:
             state.parked -= 1
             state.ready += 1
             heapq.heappush(state.heap, (record.rank, item))
-            if not state.suspended and record.queue not in seen:
+            if record.queue not in seen:
                 seen.add(record.queue)
                 woken.append(record.queue)
         return woken

@@ -1,9 +1,12 @@
 """The delivery side of a lane worker: from scheduled messages to delivery sessions and back to the spool.
 
 A message with recipients at several domains becomes one scheduler item per domain, queued on an
-(egress source, domain) queue. The scheduler holds only small fixed-size records; envelopes and bodies
-stay in the spool until a delivery takes them. Each queue gets delivery runners in proportion to its
-ready depth, up to the destination's connection limit, so a few messages use few connections.
+(egress source, domain) queue. A waiting item is only the scheduler's fixed-size record (spool key,
+creation time, priority, queue, campaign and tenant ids, due and expiry times): domain and egress come
+from the queue id, campaign and tenant names from the tag ids, and envelopes and bodies stay in the spool
+until a delivery takes them. Operator suspensions are scheduler holds, so suspended items stay there too.
+Each queue gets delivery runners in proportion to its ready depth, up to the destination's connection
+limit, so a few messages use few connections.
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from engine.bounces import BounceClassifier
 from engine.config import Config, Egress, Lane
 from engine.delivery import Attempt, Deliverer, Response
-from engine.envelope import Envelope, Recipient, RecipientState
+from engine.envelope import Envelope, Recipient, RecipientState, waiting_destinations
 from engine.events import EventLog, message_record
 from engine.resolver import Resolver
 from engine.scheduler import Scheduler
@@ -34,16 +37,12 @@ TICK = 0.05  # timer resolution for retries and expiry checks, seconds
 EXPIRED = {"code": 551, "enhanced": "5.4.7", "text": "Message expired (max_age reached)"}
 
 
-@dataclass(slots=True)
-class _Item:
+class _Target(NamedTuple):
+    """What a delivery, an expiry or an admin bounce needs of a scheduler entry it took."""
+
     key: bytes
     domain: str
     egress: str
-    priority: int
-    campaign: str | None
-    tenant: str | None
-    created: float
-    expires: float  # monotonic
 
 
 class _InFlight:
@@ -80,19 +79,18 @@ class Dispatcher:
         self._throttle_keys: list[int] = []
         self._capacity = capacity
         self._scheduler = Scheduler(capacity * 2)  # headroom for messages accepted while `full` flipped
-        self._items: dict[int, _Item] = {}
         self._item_ids = itertools.count(1)
         self._queues: dict[tuple[str, str], int] = {}
         self._queue_keys: list[tuple[str, str]] = []
         self._runners: list[int] = []
         self._in_flight: dict[bytes, _InFlight] = {}
         self._tags: dict[str, int] = {}
-        self._shared_strings: dict[str, str] = {}  # one copy of each domain, campaign and tenant name
+        self._hold_ids = itertools.count(1)
+        self._holds: dict[str, list[int]] = {}  # suspension id -> its scheduler holds
         self._egress_cycle = self._weighted_cycle(config.egress[name] for name in lane.egress_pool)
         self._egress_by_domain: dict[str, itertools.cycle] = {}
         self._tasks: set[asyncio.Task] = set()
         self._suspensions = Suspensions()
-        self._parked: dict[int, _Item] = {}
         self._timer: asyncio.Task | None = None
         self._stopping = False
         self.bounce_classifier = BounceClassifier.from_config(config)
@@ -102,42 +100,62 @@ class Dispatcher:
 
     @property
     def full(self) -> bool:
-        return len(self._items) >= self._capacity
+        return len(self._scheduler) >= self._capacity
 
     def schedule(self, key: bytes, envelope: Envelope) -> None:
         """Queues every destination of a message that still has pending recipients."""
-        now_wall, now = time.time(), time.monotonic()
-        expires = now + (envelope.created + self._lane.max_age - now_wall)
-        for domain, recipients in envelope.pending_by_domain().items():
-            due_wall = max(r.next_attempt for r in recipients)
-            due = now + max(0.0, due_wall - now_wall)
-            self._schedule_item(key, envelope, domain, due, expires)
+        destinations = {
+            domain: max(r.next_attempt for r in recipients)
+            for domain, recipients in envelope.pending_by_domain().items()
+        }
+        self._schedule_message(
+            key, envelope.created, envelope.priority, envelope.campaign, envelope.tenant, destinations
+        )
 
-    def _schedule_item(self, key: bytes, envelope: Envelope, domain: str, due: float, expires: float) -> None:
+    def restore(self, key: bytes, packed: bytes) -> None:
+        """schedule() for a spooled envelope at recovery, reading only what scheduling needs (no Envelope)."""
+        self._schedule_message(key, *waiting_destinations(packed))
+
+    def _schedule_message(
+        self,
+        key: bytes,
+        created: float,
+        priority: int,
+        campaign: str | None,
+        tenant: str | None,
+        destinations: dict[str, float],
+    ) -> None:
+        now_wall, now = time.time(), time.monotonic()
+        expires = now + (created + self._lane.max_age - now_wall)
+        for domain, due_wall in destinations.items():
+            due = now + max(0.0, due_wall - now_wall)
+            self._schedule_item(key, created, priority, campaign, tenant, domain, due, expires)
+
+    def _schedule_item(
+        self,
+        key: bytes,
+        created: float,
+        priority: int,
+        campaign: str | None,
+        tenant: str | None,
+        domain: str,
+        due: float,
+        expires: float,
+    ) -> None:
         egress = self._next_egress(domain)
         queue = self._queue(egress, domain)
-        item = next(self._item_ids)
         now = time.monotonic()
-        shared = self._shared_strings
-        self._items[item] = _Item(
-            key,
-            shared.setdefault(domain, domain),
-            egress,
-            envelope.priority,
-            envelope.campaign and shared.setdefault(envelope.campaign, envelope.campaign),
-            envelope.tenant and shared.setdefault(envelope.tenant, envelope.tenant),
-            envelope.created,
-            expires,
-        )
         ready = due <= now
         self._scheduler.schedule(
-            item,
+            next(self._item_ids),
             queue,
-            envelope.priority,
+            priority,
             0.0 if ready else due,
             expires,
-            self._tag(envelope.campaign),
-            self._tag(envelope.tenant),
+            self._tag(campaign),
+            self._tag(tenant),
+            key=key,
+            created=created,
         )
         if ready:
             self._wake(queue)
@@ -154,7 +172,14 @@ class Dispatcher:
             self._queue_keys.append((egress, domain))
             self._throttle_keys.append(throttle_key(egress, domain))
             self._runners.append(0)
+            for suspension in self._suspensions.all():
+                if suspension.domain == domain:
+                    self._hold(suspension, queue)
         return queue
+
+    def _target(self, entry: tuple) -> _Target:
+        egress, domain = self._queue_keys[entry[1]]
+        return _Target(entry[3], domain, egress)
 
     @staticmethod
     def _weighted_cycle(pool) -> list[str]:
@@ -199,10 +224,11 @@ class Dispatcher:
             now = time.monotonic()
             for queue in self._scheduler.advance(now):
                 self._wake(queue)
-            for item in self._scheduler.expired(now):
-                self._expire(self._items.pop(item, None))
-            if self._parked:
-                self._check_parked(now)
+            for entry in self._scheduler.expired_entries(now):
+                self._expire(self._target(entry))
+            if self._suspensions:
+                for rule_id in self._suspensions.expire():
+                    self._release(rule_id)
             if now >= renew_at:
                 self._throttle.renew(self._worker_id, now)
                 renew_at = now + LEASE / 3
@@ -224,14 +250,10 @@ class Dispatcher:
         try:
             while not self._stopping and self._scheduler.counts(queue)[0]:
                 await self._pace(queue)
-                item = self._scheduler.pop(queue)
-                if item < 0:
+                entry = self._scheduler.pop_entry(queue)
+                if entry is None:
                     return
-                target = self._items.pop(item)
-                if self._suspensions and self._suspensions.matching(target.domain, target.campaign, target.tenant):
-                    self._parked[item] = target
-                    continue
-                await self._deliver(target)
+                await self._deliver(self._target(entry))
         finally:
             self._runners[queue] -= 1
 
@@ -256,12 +278,12 @@ class Dispatcher:
         shared.users += 1
         return shared
 
-    def _release(self, key: bytes, shared: _InFlight) -> None:
+    def _let_go(self, key: bytes, shared: _InFlight) -> None:
         shared.users -= 1
         if shared.users == 0:
             del self._in_flight[key]
 
-    async def _deliver(self, target: _Item) -> None:
+    async def _deliver(self, target: _Target) -> None:
         shared = self._acquire(target.key)
         if shared is None:
             return
@@ -281,9 +303,9 @@ class Dispatcher:
             self._record_outcomes(target, envelope, recipients, attempt)
             await self._persist(target.key, envelope)
         finally:
-            self._release(target.key, shared)
+            self._let_go(target.key, shared)
 
-    def _drop_suppressed(self, target: _Item, envelope: Envelope, recipients: list[Recipient]) -> list[Recipient]:
+    def _drop_suppressed(self, target: _Target, envelope: Envelope, recipients: list[Recipient]) -> list[Recipient]:
         """Recipients suppressed since reception become final without an attempt, as Suppressed records."""
         kept = []
         for recipient in recipients:
@@ -304,7 +326,7 @@ class Dispatcher:
         return kept
 
     def _record_outcomes(
-        self, target: _Item, envelope: Envelope, recipients: Sequence[Recipient], attempt: Attempt
+        self, target: _Target, envelope: Envelope, recipients: Sequence[Recipient], attempt: Attempt
     ) -> None:
         now = time.time()
         retry_at = None
@@ -331,7 +353,16 @@ class Dispatcher:
         if retry_at is not None:
             now_mono = time.monotonic()
             expires = now_mono + (envelope.created + self._lane.max_age - now)
-            self._schedule_item(target.key, envelope, target.domain, now_mono + (retry_at - now), expires)
+            self._schedule_item(
+                target.key,
+                envelope.created,
+                envelope.priority,
+                envelope.campaign,
+                envelope.tenant,
+                target.domain,
+                now_mono + (retry_at - now),
+                expires,
+            )
 
     def _retry_delay(self, attempts: int) -> float:
         intervals = self._lane.retry_intervals
@@ -340,7 +371,7 @@ class Dispatcher:
     def _outcome_record(
         self,
         event: str,
-        target: _Item,
+        target: _Target,
         envelope: Envelope,
         recipient: Recipient,
         egress: Egress,
@@ -365,16 +396,15 @@ class Dispatcher:
             record["bounce_class"] = self.bounce_classifier.classify(response.code, response.enhanced, response.text)
         return record
 
-    def _expire(self, target: _Item | None) -> None:
-        if target is not None:
-            self._finish_in_background(target, "Expiration", EXPIRED)
+    def _expire(self, target: _Target) -> None:
+        self._finish_in_background(target, "Expiration", EXPIRED)
 
-    def _finish_in_background(self, target: _Item, event: str, response: dict) -> None:
+    def _finish_in_background(self, target: _Target, event: str, response: dict) -> None:
         task = asyncio.get_running_loop().create_task(self._finish_item(target, event, response))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _finish_item(self, target: _Item, event: str, response: dict) -> int:
+    async def _finish_item(self, target: _Target, event: str, response: dict) -> int:
         """Makes the item's pending recipients final without delivering (expiry, admin bounce)."""
         shared = self._acquire(target.key)
         if shared is None:
@@ -402,7 +432,7 @@ class Dispatcher:
                 self._log.emit(record)
             await self._persist(target.key, envelope)
         finally:
-            self._release(target.key, shared)
+            self._let_go(target.key, shared)
         return finished
 
     # operator controls
@@ -418,52 +448,49 @@ class Dispatcher:
         reason: str = "",
     ) -> None:
         """Stops delivery of matching messages (they stay queued, and still expire) until resumed."""
-        self._suspensions.add(Suspension(rule_id, domain and domain.lower(), campaign, tenant, until, reason))
+        if rule_id in self._holds:
+            self._release(rule_id)
+        suspension = Suspension(rule_id, domain and domain.lower(), campaign, tenant, until, reason)
+        self._suspensions.add(suspension)
+        self._holds[rule_id] = []
+        if suspension.domain is None:
+            self._hold(suspension, -1)
+            return
+        for (_, queue_domain), queue in self._queues.items():
+            if queue_domain == suspension.domain:
+                self._hold(suspension, queue)
+
+    def _hold(self, suspension: Suspension, queue: int) -> None:
+        hold = next(self._hold_ids)
+        self._holds[suspension.id].append(hold)
+        self._scheduler.hold(hold, queue, self._tag(suspension.campaign), self._tag(suspension.tenant))
 
     def resume(self, rule_id: str) -> None:
-        if self._suspensions.remove(rule_id):
-            self._release_parked()
+        self._release(rule_id)
+
+    def _release(self, rule_id: str) -> None:
+        """Ends a suspension: what no other one holds goes back to its queue, due at once, priority kept."""
+        self._suspensions.remove(rule_id)
+        for hold in self._holds.pop(rule_id, []):
+            for queue in self._scheduler.release(hold):
+                self._wake(queue)
 
     def suspensions(self) -> list[dict]:
         return [suspension.as_dict() for suspension in self._suspensions.all()]
-
-    def _check_parked(self, now: float) -> None:
-        if self._suspensions.expire():
-            self._release_parked()
-        for item, target in list(self._parked.items()):
-            if target.expires <= now:
-                del self._parked[item]
-                self._expire(target)
-
-    def _release_parked(self) -> None:
-        """Parked items no longer suspended go back to their queues, due at once, priority kept."""
-        for item, target in list(self._parked.items()):
-            if self._suspensions.matching(target.domain, target.campaign, target.tenant):
-                continue
-            del self._parked[item]
-            self._items[item] = target
-            queue = self._queue(target.egress, target.domain)
-            self._scheduler.schedule(
-                item, queue, target.priority, 0.0, target.expires, self._tag(target.campaign), self._tag(target.tenant)
-            )
-            self._wake(queue)
 
     async def admin_bounce(
         self, *, domain: str | None = None, campaign: str | None = None, tenant: str | None = None, reason: str = ""
     ) -> int:
         """Queued (not in-flight) messages matching every selector given become AdminBounce records."""
-        selector = Suspension("admin-bounce", domain and domain.lower(), campaign, tenant)
+        queues = None
+        if domain is not None:
+            queues = {queue for (_, queue_domain), queue in self._queues.items() if queue_domain == domain.lower()}
+        tags = [self._tags.get(name, -1) if name is not None else 0 for name in (campaign, tenant)]
+        if queues == set() or -1 in tags:
+            return 0
         response = {"code": 550, "enhanced": "5.7.1", "text": f"Bounced by operator: {reason}".strip()}
-        chosen = [
-            (item, target)
-            for item, target in [*self._items.items(), *self._parked.items()]
-            if selector.matches(target.domain, target.campaign, target.tenant)
-        ]
-        for item, _ in chosen:
-            if self._items.pop(item, None) is not None:
-                self._scheduler.remove(item)
-            self._parked.pop(item, None)
-        counts = await asyncio.gather(*(self._finish_item(target, "AdminBounce", response) for _, target in chosen))
+        chosen = [self._target(entry) for entry in self._scheduler.remove_matching(queues, *tags)]
+        counts = await asyncio.gather(*(self._finish_item(target, "AdminBounce", response) for target in chosen))
         return sum(counts)
 
     async def _persist(self, key: bytes, envelope: Envelope) -> None:
@@ -486,28 +513,17 @@ class Dispatcher:
     def queue_summary(self) -> list[dict]:
         """Per (egress, destination): ready, deferred (waiting for a retry), oldest age, suspended."""
         now = time.time()
-        oldest: dict[tuple[str, str], float] = {}
-        parked: dict[tuple[str, str], int] = {}
-        for target in self._items.values():
-            key = (target.egress, target.domain)
-            oldest[key] = min(oldest.get(key, now), target.created)
-        for target in self._parked.values():
-            key = (target.egress, target.domain)
-            oldest[key] = min(oldest.get(key, now), target.created)
-            parked[key] = parked.get(key, 0) + 1
         summary = []
-        for key, queue in self._queues.items():
-            ready, waiting = self._scheduler.counts(queue)
-            if not (ready or waiting or parked.get(key)):
-                continue
+        for queue, ready, waiting, parked, oldest in self._scheduler.summary():
+            egress, domain = self._queue_keys[queue]
             summary.append(
                 {
-                    "egress": key[0],
-                    "domain": key[1],
+                    "egress": egress,
+                    "domain": domain,
                     "ready": ready,
                     "deferred": waiting,
-                    "suspended": parked.get(key, 0),
-                    "oldest_age": round(now - oldest.get(key, now), 3),
+                    "suspended": parked,
+                    "oldest_age": round(max(0.0, now - oldest), 3),
                 }
             )
         return summary

@@ -95,6 +95,20 @@ class Envelope:
         return all(r.state is not RecipientState.PENDING for r in self.recipients)
 
 
+def waiting_destinations(data: bytes) -> tuple[float, int, str | None, str | None, dict[str, float]]:
+    """(created, priority, campaign, tenant, {domain: latest next_attempt of its pending recipients}) of a
+    packed envelope: what scheduling needs at recovery, without building an Envelope and its Recipients."""
+    version, _, rcpts, _, created, _, priority, campaign, tenant, _ = msgpack.unpackb(data, use_list=False)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"unknown envelope format {version}")
+    destinations: dict[str, float] = {}
+    for address, state, _, next_attempt in rcpts:
+        if state == RecipientState.PENDING:
+            domain = domain_of(address)
+            destinations[domain] = max(destinations.get(domain, next_attempt), next_attempt)
+    return created, priority, campaign, tenant, destinations
+
+
 def domain_of(address: str) -> str:
     """The destination domain of an address, lower-cased (address literals keep their brackets)."""
     return address.rpartition("@")[2].lower()

@@ -4,26 +4,27 @@ The twin is used when ENGINE_PURE_PYTHON=1 or when the extension was not built; 
 which one is loaded ("compiled" or "python").
 
 Use: one Scheduler(capacity) per worker; schedule(item, queue, priority, due, expires, campaign, tenant,
-now=time.monotonic()) raises SchedulerFull at capacity (answer 452). A timer task sleeps until
-min(next_due(), next_expiry()), then wakes the queues advance(now) returns and bounces expired(now);
-pop(queue) gives the next item or -1. Suspending a destination is suspend_queue() on each of its queues;
-every resume_*() returns the queues to wake.
+now=time.monotonic(), key=spool_key, created=unix_time) raises SchedulerFull at capacity (answer 452).
+A timer task sleeps until min(next_due(), next_expiry()), then wakes the queues advance(now) returns and
+bounces expired_entries(now); pop_entry(queue) gives the next entry (item, queue, priority, key, created,
+expires, campaign, tenant) or None. An operator suspension is hold(id, queue, campaign, tenant) (-1 / 0:
+any); release(id) returns the queues to wake. remove_matching() serves admin bounces, summary() queue views.
 """
 
 import os
 
 if os.environ.get("ENGINE_PURE_PYTHON") == "1":
-    from engine._scheduler_py import MAX_QUEUES, PRIORITIES, Scheduler, SchedulerFull
+    from engine._scheduler_py import KEY_SIZE, MAX_QUEUES, PRIORITIES, Scheduler, SchedulerFull
 
     IMPLEMENTATION = "python"
 else:
     try:
-        from engine._scheduler import MAX_QUEUES, PRIORITIES, Scheduler, SchedulerFull
+        from engine._scheduler import KEY_SIZE, MAX_QUEUES, PRIORITIES, Scheduler, SchedulerFull
 
         IMPLEMENTATION = "compiled"
     except ImportError:
-        from engine._scheduler_py import MAX_QUEUES, PRIORITIES, Scheduler, SchedulerFull
+        from engine._scheduler_py import KEY_SIZE, MAX_QUEUES, PRIORITIES, Scheduler, SchedulerFull
 
         IMPLEMENTATION = "python"
 
-__all__ = ["IMPLEMENTATION", "MAX_QUEUES", "PRIORITIES", "Scheduler", "SchedulerFull"]
+__all__ = ["IMPLEMENTATION", "KEY_SIZE", "MAX_QUEUES", "PRIORITIES", "Scheduler", "SchedulerFull"]

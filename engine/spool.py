@@ -2,8 +2,11 @@
 
 Every mutating call joins the pending batch; one committer thread writes a whole batch in one transaction
 and one fsync while the next batch gathers, so batches grow with load and an idle spool commits at once.
-Envelopes and bodies live in separate databases: a retry rewrites only the small envelope, and listing
-envelopes never pages bodies in.
+Envelopes and bodies live in separate databases of one environment (so a message is durable in one fsync):
+a retry rewrites only the small envelope. Their pages interleave in the file, and the kernel's fault-around
+maps up to 16 already-cached neighbours on every page fault (MADV_RANDOM only stops readahead I/O), so
+listing every envelope maps the whole file, bodies included; the listing therefore unmaps what each chunk
+touched (MADV_DONTNEED: the pages stay in the page cache, a later read maps them again).
 
 Durability choices (measured on this machine, see FINDINGS.md): `sync=True` with `metasync=True`, because
 MDB_NOMETASYNC "preserves ACI but not D" (LMDB docs) and a 250 promises D; `writemap=False`, because with a
@@ -14,6 +17,7 @@ Open a Spool after fork: LMDB refuses an environment the parent process still ho
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import sys
@@ -30,6 +34,9 @@ log = logging.getLogger(__name__)
 
 SWITCH_INTERVAL = 0.0002  # seconds; the default 5 ms starves the committer thread next to a busy event loop
 LIST_CHUNK = 1024  # envelopes read per read transaction, so listing never pins old pages for long
+
+MADV_DONTNEED = 4
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 _STORE, _UPDATE, _REMOVE = range(3)
 _Op = tuple[int, bytes, bytes | None, bytes | None]
@@ -110,6 +117,7 @@ class Spool:
         after: bytes | None = None
         while True:
             chunk = self._envelope_chunk(after)
+            self._unmap()
             yield from chunk
             if len(chunk) < LIST_CHUNK:
                 return
@@ -125,6 +133,17 @@ class Spool:
                 chunk.append(cursor.item())
                 found = cursor.next()
         return chunk
+
+    def _unmap(self) -> None:
+        """Drops this process's mapping of the spool file's pages (not the pages: they stay cached)."""
+        if _libc is None:
+            return
+        data = str((self.path / "data.mdb").resolve())
+        with self._map_lock, open("/proc/self/maps") as maps:
+            for line in maps:
+                if line.rstrip("\n").endswith(data):
+                    start, end = (int(bound, 16) for bound in line.split(None, 1)[0].split("-"))
+                    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
     def stats(self) -> dict:
         """Counts for the admin API and metrics: contents, space, and how well commits are grouped."""

@@ -1,4 +1,8 @@
-"""Operator suspensions of a lane's traffic by destination, campaign or tenant, with optional end time."""
+"""Operator suspensions of a lane's traffic by destination, campaign or tenant, with optional end time.
+
+A suspension names selectors (every one given must match; none = the whole lane); the dispatcher turns it
+into scheduler holds, so this module only keeps the rules, their end times and their operator view.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +18,6 @@ class Suspension:
     tenant: str | None = None
     until: float | None = None  # Unix time; None = until resumed
     reason: str = ""
-
-    def matches(self, domain: str, campaign: str | None, tenant: str | None) -> bool:
-        """Every selector given must match; a suspension without selectors covers the whole lane."""
-        return (
-            (self.domain is None or self.domain == domain)
-            and (self.campaign is None or self.campaign == campaign)
-            and (self.tenant is None or self.tenant == tenant)
-        )
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -41,12 +37,6 @@ class Suspensions:
 
     def remove(self, suspension_id: str) -> bool:
         return self._active.pop(suspension_id, None) is not None
-
-    def matching(self, domain: str, campaign: str | None, tenant: str | None) -> Suspension | None:
-        for suspension in self._active.values():
-            if suspension.matches(domain, campaign, tenant):
-                return suspension
-        return None
 
     def expire(self, now: float | None = None) -> list[str]:
         """Removes suspensions whose end time passed; returns their ids."""

@@ -20,7 +20,6 @@ import uvloop
 from engine.config import Config, ConfigError, load_config
 from engine.control import Channel, WorkerControl, read_init
 from engine.dispatch import Dispatcher, new_deliverers
-from engine.envelope import Envelope
 from engine.events import EventLog
 from engine.http_injection import HttpInjectionServer
 from engine.postmaster import Postmaster
@@ -120,7 +119,7 @@ class Worker:
     def _recover(self, spool: Spool) -> int:
         count = 0
         for key, packed in spool.envelopes():
-            self.dispatcher.schedule(key, Envelope.unpack(packed))
+            self.dispatcher.restore(key, packed)
             count += 1
         return count
 

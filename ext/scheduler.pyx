@@ -1,21 +1,24 @@
 # cython: language_level=3
 """The scheduler, compiled: ready queues by priority, retry timers, expiry, suspensions over C structs.
 
-Every held item is one 64-byte record in a growable array; the timer heap, the expiry heap and each
-queue's ready heap hold int32 record indexes, and an open-addressing table maps item ids to records.
-No Python object exists per item. engine/_scheduler_py.py is the readable twin with the same API and
-the same decisions: ready order is (priority, rank) where rank counts when an item became ready, timers
-fire in (due, rank) order and expired() returns items in (expires, item) order.
+Every held item is one 88-byte record in a growable array, carrying the caller's spool key (up to 16
+bytes) and creation time so the caller needs nothing of its own per waiting item; the timer heap, the
+expiry heap and each queue's ready heap hold int32 record indexes, and an open-addressing table maps item
+ids to records. No Python object exists per item. engine/_scheduler_py.py is the readable twin with the
+same API and the same decisions: ready order is (priority, rank) where rank counts when an item became
+ready, timers fire in (due, rank) order and expired() returns items in (expires, item) order.
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
-from libc.string cimport memset
+from libc.math cimport INFINITY
+from libc.string cimport memcpy, memset
 
-__all__ = ["MAX_QUEUES", "PRIORITIES", "Scheduler", "SchedulerFull"]
+__all__ = ["KEY_SIZE", "MAX_QUEUES", "PRIORITIES", "Scheduler", "SchedulerFull"]
 
 PRIORITIES = 10
 MAX_QUEUES = 1 << 20
+KEY_SIZE = 16
 
 
 class SchedulerFull(Exception):
@@ -26,17 +29,20 @@ cdef enum:
     _WAITING = 0
     _READY = 1
     _PARKED = 2
+    _FREE = 3
     _K_TIMER = 0
     _K_READY = 1
     _K_EXPIRY = 2
     _RANK_SHIFT = 56
     _MAX_QUEUES = 1 << 20
     _MIN_RECORDS = 1024
+    _KEY_SIZE = 16
 
 cdef struct Rec:
     int64_t item
     double due
     double expires
+    double created
     uint64_t rank
     int32_t queue
     int32_t campaign
@@ -46,6 +52,8 @@ cdef struct Rec:
     int32_t next  # parked list, or free list
     int32_t prev
     uint8_t state
+    uint8_t keylen
+    uint8_t key[_KEY_SIZE]
 
 cdef struct Heap:
     int32_t *a
@@ -57,7 +65,12 @@ cdef struct Queue:
     int32_t waiting
     int32_t parked
     uint64_t mark
-    uint8_t suspended
+
+cdef struct Hold:
+    int64_t id
+    int32_t queue  # -1: any
+    int32_t campaign  # 0: any
+    int32_t tenant  # 0: any
 
 
 cdef inline bint _less(const Rec *r, int kind, int32_t a, int32_t b) noexcept nogil:
@@ -158,9 +171,8 @@ cdef class Scheduler:
     cdef int32_t parked_tail
     cdef uint64_t counter
     cdef uint64_t epoch
-    cdef set campaigns
-    cdef set tenants
-    cdef Py_ssize_t nsuspended
+    cdef Hold *holds
+    cdef int32_t nholds
 
     def __cinit__(self, int capacity=1_000_000):
         if capacity < 1:
@@ -169,8 +181,6 @@ cdef class Scheduler:
         self.free_head = -1
         self.parked_head = -1
         self.parked_tail = -1
-        self.campaigns = set()
-        self.tenants = set()
         self.hbits = 11
         self.hkeys = <int64_t *>PyMem_Malloc((1 << self.hbits) * sizeof(int64_t))
         self.hvals = <int32_t *>PyMem_Malloc((1 << self.hbits) * sizeof(int32_t))
@@ -188,6 +198,7 @@ cdef class Scheduler:
         PyMem_Free(self.hvals)
         PyMem_Free(self.timers.a)
         PyMem_Free(self.expiry.a)
+        PyMem_Free(self.holds)
 
     @property
     def capacity(self) -> int:
@@ -296,6 +307,7 @@ cdef class Scheduler:
 
     cdef void _release(self, int32_t slot) noexcept:
         self._hdelete(self.recs[slot].item)
+        self.recs[slot].state = _FREE
         self.recs[slot].next = self.free_head
         self.free_head = slot
         self.count -= 1
@@ -325,6 +337,60 @@ cdef class Scheduler:
             q.parked -= 1
         self._release(slot)
 
+    cdef object _entry(self, int32_t slot):
+        cdef Rec *r = &self.recs[slot]
+        return (
+            r.item,
+            r.queue,
+            <int>(r.rank >> _RANK_SHIFT),
+            r.key[:r.keylen],
+            r.created,
+            r.expires,
+            r.campaign,
+            r.tenant,
+        )
+
+    cdef bint _held(self, const Rec *r) noexcept:
+        cdef int32_t h
+        cdef const Hold *hold
+        for h in range(self.nholds):
+            hold = &self.holds[h]
+            if (
+                (hold.queue < 0 or hold.queue == r.queue)
+                and (hold.campaign == 0 or hold.campaign == r.campaign)
+                and (hold.tenant == 0 or hold.tenant == r.tenant)
+            ):
+                return True
+        return False
+
+    cdef int32_t _pop_slot(self, int32_t queue) noexcept:
+        """Takes the most urgent unheld ready record of `queue` out of every heap (parking held ones on the
+        way); the caller reads it, then releases it. -1 when there is none."""
+        cdef Queue *q
+        cdef Rec *r
+        cdef int32_t slot
+        if queue < 0 or queue >= self.nqueues:
+            return -1
+        q = &self.queues[queue]
+        while q.ready.size:
+            slot = q.ready.a[0]
+            r = &self.recs[slot]
+            _heap_remove(self.recs, _K_READY, &q.ready, 0)
+            if self.nholds and self._held(r):
+                r.state = _PARKED
+                q.parked += 1
+                r.next = -1
+                r.prev = self.parked_tail
+                if self.parked_tail >= 0:
+                    self.recs[self.parked_tail].next = slot
+                else:
+                    self.parked_head = slot
+                self.parked_tail = slot
+                continue
+            _heap_remove(self.recs, _K_EXPIRY, &self.expiry, r.xpos)
+            return slot
+        return -1
+
     # public API
 
     def schedule(
@@ -337,11 +403,15 @@ cdef class Scheduler:
         int32_t campaign=0,
         int32_t tenant=0,
         double now=0.0,
+        const uint8_t[::1] key=None,
+        double created=0.0,
     ) -> None:
-        """Holds an item, ready at once when due <= now (pass due=0 for "now"); SchedulerFull when full."""
+        """Holds an item, ready at once when due <= now (pass due=0 for "now"); SchedulerFull when full.
+        `key` (at most KEY_SIZE bytes) and `created` ride along and come back in the item's entry."""
         cdef int32_t slot
         cdef Rec *r
         cdef Queue *q
+        cdef Py_ssize_t keylen = 0 if key is None else key.shape[0]
         if priority < 0 or priority >= 10:
             raise ValueError("priority must be in [0, 10)")
         if queue < 0 or queue >= _MAX_QUEUES:
@@ -350,6 +420,8 @@ cdef class Scheduler:
             raise ValueError("item must be >= 0")
         if due != due or expires != expires:
             raise ValueError("due and expires must not be NaN")
+        if keylen > _KEY_SIZE:
+            raise ValueError("key must be at most 16 bytes")
         if self._find(item) >= 0:
             raise ValueError(f"item {item} is already scheduled")
         if self.count >= self._capacity:
@@ -364,8 +436,12 @@ cdef class Scheduler:
         r.queue = queue
         r.due = due
         r.expires = expires
+        r.created = created
         r.campaign = campaign
         r.tenant = tenant
+        r.keylen = <uint8_t>keylen
+        if keylen:
+            memcpy(r.key, &key[0], keylen)
         r.rank = (<uint64_t>priority << _RANK_SHIFT) | self.counter
         self._hinsert(item, slot)
         self.count += 1
@@ -379,7 +455,7 @@ cdef class Scheduler:
         _heap_push(self.recs, _K_EXPIRY, &self.expiry, slot)
 
     def advance(self, double now) -> list:
-        """Moves items due by `now` to their ready queues; returns the (unsuspended) queues that got some."""
+        """Moves items due by `now` to their ready queues; returns the queues that got some."""
         cdef list woken = []
         cdef int32_t slot
         cdef Rec *r
@@ -395,54 +471,43 @@ cdef class Scheduler:
             q = &self.queues[r.queue]
             q.waiting -= 1
             _heap_push(self.recs, _K_READY, &q.ready, slot)
-            if not q.suspended and q.mark != self.epoch:
+            if q.mark != self.epoch:
                 q.mark = self.epoch
                 woken.append(r.queue)
         return woken
 
-    cdef bint _held(self, const Rec *r):
-        return (r.campaign in self.campaigns) or (r.tenant in self.tenants)
-
     def pop(self, int32_t queue) -> int:
-        """The most urgent poppable item of `queue`, removed from the scheduler; -1 when there is none."""
-        cdef Queue *q
-        cdef Rec *r
-        cdef int32_t slot
+        """The most urgent unheld item of `queue`, removed from the scheduler; -1 when there is none."""
+        cdef int32_t slot = self._pop_slot(queue)
         cdef int64_t item
-        if queue < 0 or queue >= self.nqueues:
+        if slot < 0:
             return -1
-        q = &self.queues[queue]
-        if q.suspended:
-            return -1
-        while q.ready.size:
-            slot = q.ready.a[0]
-            r = &self.recs[slot]
-            _heap_remove(self.recs, _K_READY, &q.ready, 0)
-            if self.nsuspended and self._held(r):
-                r.state = _PARKED
-                q.parked += 1
-                r.next = -1
-                r.prev = self.parked_tail
-                if self.parked_tail >= 0:
-                    self.recs[self.parked_tail].next = slot
-                else:
-                    self.parked_head = slot
-                self.parked_tail = slot
-                continue
-            item = r.item
-            _heap_remove(self.recs, _K_EXPIRY, &self.expiry, r.xpos)
-            self._release(slot)
-            return item
-        return -1
+        item = self.recs[slot].item
+        self._release(slot)
+        return item
+
+    def pop_entry(self, int32_t queue):
+        """Like pop(), but the whole entry: (item, queue, priority, key, created, expires, campaign, tenant),
+        or None."""
+        cdef int32_t slot = self._pop_slot(queue)
+        if slot < 0:
+            return None
+        entry = self._entry(slot)
+        self._release(slot)
+        return entry
 
     def expired(self, double now) -> list:
         """Removes and returns every item whose expiry is <= now, whatever its state."""
+        return [entry[0] for entry in self.expired_entries(now)]
+
+    def expired_entries(self, double now) -> list:
+        """Like expired(), but entries as pop_entry() gives them."""
         cdef list out = []
         cdef int32_t slot
         while self.expiry.size and self.recs[self.expiry.a[0]].expires <= now:
             slot = self.expiry.a[0]
             _heap_remove(self.recs, _K_EXPIRY, &self.expiry, 0)
-            out.append(self.recs[slot].item)
+            out.append(self._entry(slot))
             self._discard(slot)
         return out
 
@@ -454,6 +519,27 @@ cdef class Scheduler:
         _heap_remove(self.recs, _K_EXPIRY, &self.expiry, self.recs[slot].xpos)
         self._discard(slot)
         return True
+
+    def remove_matching(self, queues=None, int32_t campaign=0, int32_t tenant=0) -> list:
+        """Drops every held item (any state) on one of `queues` (None: any), of `campaign` and of `tenant`
+        (0: any); returns their entries in item order."""
+        cdef list out = []
+        cdef int32_t slot
+        cdef Rec *r
+        for slot in range(self.nrecs):
+            r = &self.recs[slot]
+            if (
+                r.state == _FREE
+                or (campaign and r.campaign != campaign)
+                or (tenant and r.tenant != tenant)
+                or (queues is not None and r.queue not in queues)
+            ):
+                continue
+            out.append(self._entry(slot))
+            _heap_remove(self.recs, _K_EXPIRY, &self.expiry, r.xpos)
+            self._discard(slot)
+        out.sort()
+        return out
 
     def next_due(self):
         """Due time of the earliest waiting item, None when nothing waits."""
@@ -470,46 +556,66 @@ cdef class Scheduler:
         return (self.queues[queue].ready.size, self.queues[queue].waiting)
 
     def parked(self, int32_t queue) -> int:
-        """Items of `queue` parked by a campaign or tenant suspension."""
+        """Items of `queue` parked by a hold."""
         if queue < 0 or queue >= self.nqueues:
             return 0
         return self.queues[queue].parked
 
-    def suspend_queue(self, int32_t queue) -> None:
-        if queue < 0 or queue >= _MAX_QUEUES:
-            raise ValueError("queue must be in [0, 2**20)")
-        self._queue(queue).suspended = 1
+    def summary(self) -> list:
+        """(queue, ready, waiting, parked, oldest created) of every queue holding items, in queue order:
+        one pass over the records, for operator views."""
+        cdef double *oldest
+        cdef int32_t slot, queue
+        cdef Queue *q
+        cdef list out = []
+        if not self.nqueues:
+            return out
+        oldest = <double *>PyMem_Malloc(self.nqueues * sizeof(double))
+        if oldest == NULL:
+            raise MemoryError()
+        try:
+            for queue in range(self.nqueues):
+                oldest[queue] = INFINITY
+            for slot in range(self.nrecs):
+                if self.recs[slot].state != _FREE and self.recs[slot].created < oldest[self.recs[slot].queue]:
+                    oldest[self.recs[slot].queue] = self.recs[slot].created
+            for queue in range(self.nqueues):
+                q = &self.queues[queue]
+                if q.ready.size or q.waiting or q.parked:
+                    out.append((queue, q.ready.size, q.waiting, q.parked, oldest[queue]))
+        finally:
+            PyMem_Free(oldest)
+        return out
 
-    def resume_queue(self, int32_t queue) -> list:
-        """Returns [queue] when it has ready items to wake, else []."""
-        if queue < 0 or queue >= self.nqueues or not self.queues[queue].suspended:
-            return []
-        self.queues[queue].suspended = 0
-        return [queue] if self.queues[queue].ready.size else []
+    def hold(self, int64_t hold_id, int32_t queue=-1, int32_t campaign=0, int32_t tenant=0) -> None:
+        """Parks, when pop() meets them, the items on `queue` (-1: any) of `campaign` and of `tenant` (0: any);
+        they stay held (and still expire) until release(hold_id)."""
+        cdef Hold *grown
+        cdef int32_t h
+        if queue < -1 or queue >= _MAX_QUEUES:
+            raise ValueError("queue must be in [-1, 2**20)")
+        if campaign < 0 or tenant < 0:
+            raise ValueError("campaign and tenant must be >= 0")
+        for h in range(self.nholds):
+            if self.holds[h].id == hold_id:
+                raise ValueError(f"hold {hold_id} exists")
+        grown = <Hold *>PyMem_Realloc(self.holds, (self.nholds + 1) * sizeof(Hold))
+        if grown == NULL:
+            raise MemoryError()
+        self.holds = grown
+        self.holds[self.nholds] = Hold(hold_id, queue, campaign, tenant)
+        self.nholds += 1
 
-    def suspend_campaign(self, int32_t campaign) -> None:
-        if campaign <= 0:
-            raise ValueError("campaign must be > 0")
-        self.campaigns.add(campaign)
-        self.nsuspended = len(self.campaigns) + len(self.tenants)
-
-    def resume_campaign(self, int32_t campaign) -> list:
-        """Unparks what no other suspension holds; returns the (unsuspended) queues that got items back."""
-        self.campaigns.discard(campaign)
-        self.nsuspended = len(self.campaigns) + len(self.tenants)
-        return self._unpark()
-
-    def suspend_tenant(self, int32_t tenant) -> None:
-        if tenant <= 0:
-            raise ValueError("tenant must be > 0")
-        self.tenants.add(tenant)
-        self.nsuspended = len(self.campaigns) + len(self.tenants)
-
-    def resume_tenant(self, int32_t tenant) -> list:
-        """Unparks what no other suspension holds; returns the (unsuspended) queues that got items back."""
-        self.tenants.discard(tenant)
-        self.nsuspended = len(self.campaigns) + len(self.tenants)
-        return self._unpark()
+    def release(self, int64_t hold_id) -> list:
+        """Ends a hold and unparks what no other hold keeps, in its original order; returns the queues that
+        got items back, in the order their first item was parked."""
+        cdef int32_t h
+        for h in range(self.nholds):
+            if self.holds[h].id == hold_id:
+                self.holds[h] = self.holds[self.nholds - 1]
+                self.nholds -= 1
+                return self._unpark()
+        return []
 
     cdef list _unpark(self):
         cdef list woken = []
@@ -527,7 +633,7 @@ cdef class Scheduler:
                 q = &self.queues[r.queue]
                 q.parked -= 1
                 _heap_push(self.recs, _K_READY, &q.ready, slot)
-                if not q.suspended and q.mark != self.epoch:
+                if q.mark != self.epoch:
                     q.mark = self.epoch
                     woken.append(r.queue)
             slot = following
