@@ -2,6 +2,9 @@
 
 Every mutating call joins the pending batch; one committer thread writes a whole batch in one transaction
 and one fsync while the next batch gathers, so batches grow with load and an idle spool commits at once.
+The committer takes the next batch itself as soon as a commit ends (the event loop hands batches over
+once per loop iteration and is woken once per commit to resolve its futures): under load it never sleeps,
+so there is no thread wake-up or executor hand-off per batch.
 Envelopes and bodies live in separate databases of one environment (so a message is durable in one fsync):
 a retry rewrites only the small envelope. Their pages interleave in the file, and the kernel's fault-around
 maps up to 16 already-cached neighbours on every page fault (MADV_RANDOM only stops readahead I/O), so
@@ -23,7 +26,6 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lmdb
@@ -63,10 +65,16 @@ class Spool:
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         # Readers on the event loop and set_mapsize/reopen on the committer must never overlap.
         self._map_lock = threading.Lock()
-        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-commit")
-        self._pending: list[tuple[_Op, asyncio.Future[None] | None]] = []
-        self._idle = asyncio.Event()  # no commit running or scheduled
+        self._pending: list[tuple[_Op, asyncio.Future[None] | None]] = []  # this loop iteration's operations
+        self._handed: list[tuple[_Op, asyncio.Future[None] | None]] = []  # for the committer's next batch
+        self._handover = threading.Condition(threading.Lock())  # guards _handed and _stopping
+        self._stopping = False
+        self._unfinished = 0  # operations accepted and not yet committed (or failed)
+        self._idle = asyncio.Event()  # _unfinished == 0
         self._idle.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._committer = threading.Thread(target=self._commit_loop, name="spool-commit", daemon=True)
+        self._committer.start()
         self._closed = False
         self._commits = 0
         self._failed_commits = 0
@@ -166,7 +174,10 @@ class Spool:
             return
         self._closed = True
         await self._idle.wait()
-        self._committer.shutdown(wait=True)
+        with self._handover:
+            self._stopping = True
+            self._handover.notify()
+        self._committer.join()
         self._env.close()
 
     def _checked(self, key: bytes) -> bytes:
@@ -182,24 +193,35 @@ class Spool:
         return future
 
     def _enqueue(self, op: _Op, future: asyncio.Future[None] | None) -> None:
+        if not self._pending:
+            # Hand over at the end of this loop iteration, so everything submitted in it shares a commit.
+            self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._hand_over)
         self._pending.append((op, future))
-        if self._idle.is_set():
-            # Launch from the next loop iteration, so everything submitted in this one shares the commit.
-            self._idle.clear()
-            asyncio.get_running_loop().call_soon(self._launch)
+        self._unfinished += 1
+        self._idle.clear()
 
-    def _launch(self) -> None:
-        batch, self._pending = self._pending, []
-        self._committer.submit(self._run, asyncio.get_running_loop(), batch)
+    def _hand_over(self) -> None:
+        with self._handover:
+            self._handed += self._pending
+            self._handover.notify()
+        self._pending = []
 
-    def _run(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[_Op, asyncio.Future[None] | None]]) -> None:
-        """Committer thread: commits, then hands the outcome straight to the loop (one wake-up, no relay)."""
-        try:
-            self._commit([op for op, _ in batch])
-        except Exception as error:
-            loop.call_soon_threadsafe(self._finished, batch, error)
-        else:
-            loop.call_soon_threadsafe(self._finished, batch, None)
+    def _commit_loop(self) -> None:
+        """Committer thread: takes whatever was handed over, commits it, passes the outcome to the loop."""
+        while True:
+            with self._handover:
+                while not self._handed and not self._stopping:
+                    self._handover.wait()
+                if not self._handed:
+                    return
+                batch, self._handed = self._handed, []
+            try:
+                self._commit([op for op, _ in batch])
+            except Exception as error:
+                self._loop.call_soon_threadsafe(self._finished, batch, error)
+            else:
+                self._loop.call_soon_threadsafe(self._finished, batch, None)
 
     def _finished(self, batch: list[tuple[_Op, asyncio.Future[None] | None]], error: Exception | None) -> None:
         if error is None:
@@ -218,9 +240,8 @@ class Spool:
                 failure = SpoolError(f"spool commit failed: {error}")
                 failure.__cause__ = error
                 future.set_exception(failure)
-        if self._pending:
-            self._launch()
-        else:
+        self._unfinished -= len(batch)
+        if not self._unfinished:
             self._idle.set()
 
     def _commit(self, ops: list[_Op]) -> None:
