@@ -498,16 +498,19 @@ cdef class Scheduler:
 
     def expired(self, double now) -> list:
         """Removes and returns every item whose expiry is <= now, whatever its state."""
-        return [entry[0] for entry in self.expired_entries(now)]
+        return self._expire(now, False)
 
     def expired_entries(self, double now) -> list:
         """Like expired(), but entries as pop_entry() gives them."""
+        return self._expire(now, True)
+
+    cdef list _expire(self, double now, bint entries):
         cdef list out = []
         cdef int32_t slot
         while self.expiry.size and self.recs[self.expiry.a[0]].expires <= now:
             slot = self.expiry.a[0]
             _heap_remove(self.recs, _K_EXPIRY, &self.expiry, 0)
-            out.append(self._entry(slot))
+            out.append(self._entry(slot) if entries else self.recs[slot].item)
             self._discard(slot)
         return out
 
