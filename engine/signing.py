@@ -6,9 +6,9 @@ canonicalisation also cost ~80 us more per message than the few precompiled patt
 done here too and the tests check them against dkimpy's. Relaxed body canonicalisation, the one loop that
 grows with the message, is engine.dkimcanon.
 
-An RSA-2048 signature costs ~0.8 ms of CPU, more than everything else the engine does for a message, but
-OpenSSL, hashlib and the canonicalisation all release the GIL: `sign_off_loop` runs them on a small thread
-pool, so a worker signs on the other core while its event loop goes on receiving and delivering.
+An RSA-2048 signature costs ~0.8 ms of CPU, more than everything else the engine does for a message, and
+OpenSSL releases the GIL for all of it: `sign_off_loop` runs that one operation on a small thread pool, so
+a worker signs on the other core while its event loop goes on receiving and delivering.
 """
 
 from __future__ import annotations
@@ -271,6 +271,29 @@ class DkimSigner:
 
         None when the message has no single From address or no key covers its domain: it goes unsigned.
         """
+        prepared = self._prepare(message, canonicalization)
+        if prepared is None:
+            return None
+        key, unsigned, digest = prepared
+        return _signature_field(unsigned, self._sign_digest(key, digest))
+
+    async def sign_off_loop(self, message: bytes) -> bytes | None:
+        """`sign`, with an RSA private-key operation on the signing threads: it is the only part that costs
+        much, and the only one that runs without the GIL from start to end, so the threads hardly ever wait
+        for the event loop's GIL and the loop goes on meanwhile."""
+        prepared = self._prepare(message, ("relaxed", "relaxed")) if self._keys else None
+        if prepared is None:
+            return None
+        key, unsigned, digest = prepared
+        if isinstance(key.private, rsa.RSAPrivateKey):
+            loop = asyncio.get_running_loop()
+            signature = await loop.run_in_executor(_signing_pool(), self._sign_digest, key, digest)
+        else:
+            signature = self._sign_digest(key, digest)
+        return _signature_field(unsigned, signature)
+
+    def _prepare(self, message: bytes, canonicalization: tuple[str, str]) -> tuple[_Key, bytes, bytes] | None:
+        """(key, signature field value up to b=, digest to sign), or None when the message goes unsigned."""
         header_canon, body_canon = canonicalization
         if not {header_canon, body_canon} <= _BODY_CANON.keys():
             raise ValueError(f"canonicalization must be two of simple/relaxed, not {canonicalization!r}")
@@ -295,21 +318,20 @@ class DkimSigner:
             for name, value in picked:
                 hasher.update(name + b":" + value)
             hasher.update(SIG_NAME + b":" + unsigned)
-        signature = base64.b64encode(self._sign_digest(key, hasher.digest()))
-        lines = b"\r\n ".join(signature[i : i + SIG_LINE] for i in range(0, len(signature), SIG_LINE))
-        return SIG_NAME + b":" + unsigned + lines + b"\r\n"
-
-    async def sign_off_loop(self, message: bytes) -> bytes | None:
-        """`sign` on the signing threads, so the event loop does not wait for the private-key operation."""
-        if not self._keys:
-            return None
-        return await asyncio.get_running_loop().run_in_executor(_signing_pool(), self.sign, message)
+        return key, unsigned, hasher.digest()
 
     @staticmethod
     def _sign_digest(key: _Key, digest: bytes) -> bytes:
         if isinstance(key.private, rsa.RSAPrivateKey):
             return key.private.sign(digest, _PKCS1, _PREHASHED)
         return key.private.sign(digest)
+
+
+def _signature_field(unsigned: bytes, signature: bytes) -> bytes:
+    """The whole DKIM-Signature field: its value up to b=, then the signature folded into lines."""
+    encoded = base64.b64encode(signature)
+    lines = b"\r\n ".join(encoded[i : i + SIG_LINE] for i in range(0, len(encoded), SIG_LINE))
+    return SIG_NAME + b":" + unsigned + lines + b"\r\n"
 
 
 def generate_key(domain: str, selector: str, algorithm: str, out: Path) -> tuple[str, str]:
