@@ -212,7 +212,7 @@ class SMTPConnection(asyncio.Protocol):
         future = self._loop.create_future()
         self._queued.append(_Transaction(commands, body, future, chunked))
         if not self._busy:
-            self._send(self._dequeue())
+            self._send(*self._dequeue())
         return await future
 
     async def quit(self) -> None:
@@ -257,23 +257,30 @@ class SMTPConnection(asyncio.Protocol):
         self._send(line)
         return future
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, *data: bytes) -> None:
         """Queue output for one write at the end of this loop iteration, so what callers add meanwhile joins it."""
+        if not data:
+            return
         if self._out:
-            self._out.append(data)
+            self._out += data
         else:
-            self._out = [data]
+            self._out = list(data)
             self._loop.call_soon(self._flush)
         self._activity = self._loop.time()
         if self._timer is None:
             self._timer = self._loop.call_at(self._activity + self._timeout, self._on_timer)
 
     def _flush(self) -> None:
+        """One write; several pieces go out gathered (a message body is never copied to join its envelope)."""
         out, self._out = self._out, []
-        if not self._transport.is_closing():
-            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if self._transport.is_closing():
+            return
+        if len(out) == 1:
+            self._transport.write(out[0])
+        else:
+            self._transport.writelines(out)
 
-    def _dequeue(self) -> bytes:
+    def _dequeue(self) -> tuple[bytes, ...]:
         """Put the next queued transaction on the wire: its whole envelope, or MAIL alone in lock-step.
 
         One whose caller was cancelled while it waited is dropped; once on the wire a transaction runs to
@@ -287,9 +294,9 @@ class SMTPConnection(asyncio.Protocol):
             self._busy = True
             if txn.chunked:
                 body, txn.body = txn.body, b""
-                return b"".join(txn.commands) + body
-            return b"".join(txn.commands) if self._pipelining else txn.commands[0]
-        return b""
+                return b"".join(txn.commands), body
+            return (b"".join(txn.commands) if self._pipelining else txn.commands[0],)
+        return ()
 
     def _on_reply(self, reply: Reply) -> None:
         if not self._expect:
@@ -347,8 +354,9 @@ class SMTPConnection(asyncio.Protocol):
         txn.body = b""
         if self._pipelining:
             self._busy = False
-            out += self._dequeue()
-        self._send(out)
+            self._send(out, *self._dequeue())
+        else:
+            self._send(out)
 
     def _chunk_done(self, txn: _Transaction, reply: Reply) -> None:
         """The reply to BDAT LAST is the final one; a refusal leaves the server's transaction open, so RSET
@@ -356,14 +364,12 @@ class SMTPConnection(asyncio.Protocol):
         self._busy = False
         if reply.ok:
             self._finish(txn, reply)
-            out = self._dequeue()
-            if out:
-                self._send(out)
+            self._send(*self._dequeue())
             return
         replies = txn.replies
         txn.stage = _RESET
         txn.refusal = reply if replies[0].ok and any(r.ok for r in replies[1:-1]) else None
-        self._send(b"RSET\r\n" + self._dequeue())
+        self._send(b"RSET\r\n", *self._dequeue())
 
     def _finish(self, txn: _Transaction, final: Reply | None) -> None:
         self._expect.popleft()
@@ -372,9 +378,7 @@ class SMTPConnection(asyncio.Protocol):
             txn.future.set_result((replies[0], replies[1 : len(txn.commands) - 1], final or txn.refusal))
         if not self._pipelining:
             self._busy = False
-            following = self._dequeue()
-            if following:
-                self._send(following)
+            self._send(*self._dequeue())
 
     def _on_timer(self) -> None:
         self._timer = None

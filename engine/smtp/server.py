@@ -43,14 +43,18 @@ class Reply:
     code: int
     enhanced: str | None
     text: str
+    wire: bytes = field(init=False, repr=False, compare=False)  # made once: most replies are constants
 
-    def encode(self) -> bytes:
-        """Wire form; a text with newlines becomes a multi-line reply (the EHLO keyword list)."""
+    def __post_init__(self) -> None:
         lines = self.text.split("\n")
         enhanced = f"{self.enhanced} " if self.enhanced else ""
         wire = [f"{self.code}-{enhanced}{line}\r\n" for line in lines[:-1]]
         wire.append(f"{self.code} {enhanced}{lines[-1]}\r\n")
-        return "".join(wire).encode()
+        object.__setattr__(self, "wire", "".join(wire).encode())
+
+    def encode(self) -> bytes:
+        """Wire form; a text with newlines becomes a multi-line reply (the EHLO keyword list)."""
+        return self.wire
 
     @property
     def success(self) -> bool:
@@ -445,7 +449,7 @@ class SMTPServerProtocol(asyncio.Protocol):
     # output
 
     def _reply(self, reply: Reply) -> None:
-        self._out.append(reply.encode())
+        self._out.append(reply.wire)
 
     def _error(self, reply: Reply) -> None:
         self._reply(reply)
