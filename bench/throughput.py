@@ -12,8 +12,9 @@ between the sink's 0.2 s counter samples). MTA CPU is utime+stime of every proce
 engine's supervisor and workers, or every Postfix daemon of the private instance), read from /proc
 before and after; sink and generator CPU are reported too, because on a small machine all three compete
 for the same cores. `--peer postfix` runs the same workloads through a private Postfix instance in the
-same run and prints engine/Postfix ratios. `--profile` adds a W1 run with py-spy recording the
-transactional worker and prints where its time goes. Writes bench/results/throughput.json.
+same run and prints engine/Postfix ratios. `--profile` adds a run of the first workload asked for (W1 by
+default) with py-spy recording the transactional worker and prints where its time goes. Writes
+bench/results/throughput.json.
 """
 
 from __future__ import annotations
@@ -269,7 +270,8 @@ def main() -> None:
         nargs="?",
         const="wall",
         choices=["wall", "cpu"],
-        help="also profile the engine's worker under W1 with py-spy: wall time per thread (default) or GIL CPU",
+        help="also profile the engine's worker under the first --workload (default W1) with py-spy: wall time per "
+        "thread (default) or GIL CPU",
     )
     parser.add_argument("--out", type=Path, help="JSON results file (default bench/results/throughput.json)")
     args = parser.parse_args()
@@ -293,11 +295,12 @@ def main() -> None:
     if args.profile:
         raw = RESULTS_DIR / f"throughput-profile-{args.profile}.txt"
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        workload = WORKLOADS["W1"]
+        workload = WORKLOADS[(args.workload or ["W1"])[0]]
         count = args.count or (workload.quick_count if args.quick else workload.count)
-        profiled = run_engine(workload, count, 1, 60.0 + count / 100, profile=(raw, args.profile))
+        timeout = 60.0 + count * workload.recipients / 100
+        profiled = run_engine(workload, count, 1, timeout, profile=(raw, args.profile))
         profile = {
-            "workload": "W1",
+            "workload": workload.name,
             "mode": args.profile,
             "run": profiled,
             "raw": str(raw),
@@ -399,7 +402,8 @@ def report(rows: list[dict], ratios: list[dict], profile: dict | None) -> None:
     if profile:
         run = profile["run"]
         print(
-            f"\npy-spy on the transactional worker under W1 ({run.get('msgs_per_s', 0):,.0f} msgs/s while sampled), "
+            f"\npy-spy on the transactional worker under {profile['workload']} "
+            f"({run.get('msgs_per_s', 0):,.0f} msgs/s while sampled), "
             + ("wall-time shares per thread, idle included" if profile["mode"] == "wall" else "shares of GIL time")
             + f"; raw stacks in {profile['raw']}"
         )
