@@ -6,7 +6,8 @@ and asks Redis for a batch per slot. The script runs GCRA over the batch on Redi
 (lane, egress, destination) for every node, so the tokens granted to all nodes together never exceed
 rate * t + burst in any window of t seconds. A node spends its tokens through its own table (workers
 never wait on Redis) and drops those left after VALIDITY, so a lease cannot turn into a burst later.
-Nodes ask at jittered times, for at most two ticks' worth each, so busy nodes share the rate.
+Nodes ask at jittered times, and a grant is capped at the node's share among the nodes leasing that rate,
+so busy nodes share it evenly while a node alone gets all of it.
 """
 
 from __future__ import annotations
@@ -22,17 +23,24 @@ __all__ = ["TICK", "RateLeaser"]
 
 TICK = 0.05  # seconds between leases (jittered by the caller)
 VALIDITY = 4 * TICK  # a leased token unused this long is dropped
+ACTIVE = 0.5  # seconds a node counts as leasing a rate after it last asked
 
-# KEYS: the rate's clock. ARGV: microseconds per message, burst, tokens wanted. Returns the tokens granted.
+# KEYS: the rate's clock, the nodes leasing it. ARGV: microseconds per message, burst, tokens wanted, node,
+# the node's batch, ACTIVE in microseconds. A node gets at most its batch divided by the nodes that leased in
+# the last ACTIVE seconds, so the node that asks first cannot take the others' share: what it leaves stays
+# on the clock for them.
 _LEASE = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[2], now, ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[6]))
+redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[6]) / 500))
+local cap = math.max(1, math.ceil(tonumber(ARGV[5]) / redis.call('ZCARD', KEYS[2])))
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
-local granted = math.floor((now + burst * interval - tat) / interval)
-if granted > tonumber(ARGV[3]) then granted = tonumber(ARGV[3]) end
+local granted = math.min(math.floor((now + burst * interval - tat) / interval), tonumber(ARGV[3]), cap)
 if granted < 1 then return 0 end
 tat = tat + granted * interval
 redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
@@ -78,7 +86,8 @@ class RateLeaser:
             return 0
         async with self._link.commands.pipeline(transaction=False) as pipe:
             for _, _, name, rate, burst, want in asks:
-                await self._lease(keys=[name], args=[1e6 / rate, burst, want], client=pipe)
+                arguments = [1e6 / rate, burst, want, self._link.node, batch(rate, burst), int(ACTIVE * 1e6)]
+                await self._lease(keys=[name, name + ":nodes"], args=arguments, client=pipe)
             granted = await pipe.execute()
         now = time.monotonic()
         for (table, key, *_), tokens in zip(asks, granted, strict=True):
