@@ -224,6 +224,16 @@ class Scheduler:
             return record
         return None
 
+    def take(self, item: int, key: bytes) -> tuple | None:
+        """Removes `item` and returns its entry when it is ready, no hold matches it and it carries `key`
+        (a caller that derives ids from keys checks it got its own); None, changing nothing, otherwise."""
+        record = self._records.get(item)
+        if record is None or record.state != _READY or (self._holds and self._held(record)) or record.key != key:
+            return None
+        self._discard(record, expiry_entry=True)
+        self._maybe_compact()
+        return record.entry()
+
     def expired(self, now: float) -> list[int]:
         """Removes and returns every item whose expiry is <= now, whatever its state."""
         return [entry[0] for entry in self.expired_entries(now)]

@@ -7,6 +7,13 @@ from the queue id, campaign and tenant names from the tag ids, and envelopes and
 until a delivery takes them. Operator suspensions are scheduler holds, so suspended items stay there too.
 Each queue gets delivery runners in proportion to its ready depth, up to the destination's connection
 limit, so a few messages use few connections.
+
+Recipients of one message at domains that one static route ([routes]) serves share a transaction, as
+Postfix groups recipients per next hop: the runner that pops one of them takes along the message's items
+for the other domains of that route that are ready on the same egress (scheduler.take; item ids derive
+from (spool key, queue) so they can be found). Such a transaction is paced, pooled and shaped as the
+domain that was popped; items stay per domain, so suspensions, admin bounces, retries and the event log
+remain per domain. Domains resolved by MX are never grouped.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from engine.throttle import ThrottleTable, throttle_key
 log = logging.getLogger(__name__)
 
 TICK = 0.05  # timer resolution for retries and expiry checks, seconds
+_HASHED_IDS = (1 << 62) - 1  # item ids derived from (key, queue) ...
+_COUNTED_IDS = 1 << 62  # ... and, on a collision, counted ones: never the same
 EXPIRED = {"code": 551, "enhanced": "5.4.7", "text": "Message expired (max_age reached)"}
 
 
@@ -146,8 +155,11 @@ class Dispatcher:
         queue = self._queue(egress, domain)
         now = time.monotonic()
         ready = due <= now
+        item = self._item_id(key, queue)
+        if item in self._scheduler:
+            item = next(self._item_ids) | _COUNTED_IDS
         self._scheduler.schedule(
-            next(self._item_ids),
+            item,
             queue,
             priority,
             0.0 if ready else due,
@@ -176,6 +188,10 @@ class Dispatcher:
                 if suspension.domain == domain:
                     self._hold(suspension, queue)
         return queue
+
+    @staticmethod
+    def _item_id(key: bytes, queue: int) -> int:
+        return hash((key, queue)) & _HASHED_IDS
 
     def _target(self, entry: tuple) -> _Target:
         egress, domain = self._queue_keys[entry[1]]
@@ -289,10 +305,12 @@ class Dispatcher:
             return
         try:
             envelope = shared.envelope
-            recipients = [r for r in envelope.pending() if r.domain == target.domain]
+            pending = envelope.pending()
+            recipients = [r for r in pending if r.domain == target.domain]
             body = self._spool.body(target.key)
             if not recipients or body is None:
                 return
+            recipients += self._take_along(target, pending)
             if self.suppression is not None:
                 recipients = self._drop_suppressed(target, envelope, recipients)
                 if not recipients:
@@ -304,6 +322,21 @@ class Dispatcher:
             await self._persist(target.key, envelope)
         finally:
             self._let_go(target.key, shared)
+
+    def _take_along(self, target: _Target, pending: list[Recipient]) -> list[Recipient]:
+        """The message's recipients at other domains behind the same static route whose items are ready on
+        this egress: their items leave the scheduler, so this transaction carries them."""
+        route = self._config.route_for(target.domain)
+        if route is None:
+            return []
+        taken: list[Recipient] = []
+        for domain in {r.domain for r in pending} - {target.domain}:
+            queue = self._queues.get((target.egress, domain))
+            if queue is None or self._config.route_for(domain) != route:
+                continue
+            if self._scheduler.take(self._item_id(target.key, queue), target.key) is not None:
+                taken += [r for r in pending if r.domain == domain]
+        return taken
 
     def _drop_suppressed(self, target: _Target, envelope: Envelope, recipients: list[Recipient]) -> list[Recipient]:
         """Recipients suppressed since reception become final without an attempt, as Suppressed records."""
@@ -319,7 +352,7 @@ class Dispatcher:
                     target.key,
                     envelope,
                     recipient=recipient.address,
-                    domain=target.domain,
+                    domain=recipient.domain,
                     attempt=recipient.attempts,
                 )
             )
@@ -329,7 +362,7 @@ class Dispatcher:
         self, target: _Target, envelope: Envelope, recipients: Sequence[Recipient], attempt: Attempt
     ) -> None:
         now = time.time()
-        retry_at = None
+        retries: dict[str, float] = {}  # domain -> when its deferred recipients are due
         egress = self._config.egress[target.egress]
         for recipient in recipients:
             response = attempt.responses[recipient.address]
@@ -347,19 +380,19 @@ class Dispatcher:
                     event = "Expiration"
                 else:
                     recipient.next_attempt = now + delay
-                    retry_at = recipient.next_attempt
+                    retries[recipient.domain] = max(retries.get(recipient.domain, 0.0), recipient.next_attempt)
                     event = "TransientFailure"
             self._log.emit(self._outcome_record(event, target, envelope, recipient, egress, attempt, response))
-        if retry_at is not None:
-            now_mono = time.monotonic()
-            expires = now_mono + (envelope.created + self._lane.max_age - now)
+        now_mono = time.monotonic()
+        expires = now_mono + (envelope.created + self._lane.max_age - now)
+        for domain, retry_at in retries.items():
             self._schedule_item(
                 target.key,
                 envelope.created,
                 envelope.priority,
                 envelope.campaign,
                 envelope.tenant,
-                target.domain,
+                domain,
                 now_mono + (retry_at - now),
                 expires,
             )
@@ -384,7 +417,7 @@ class Dispatcher:
             target.key,
             envelope,
             recipient=recipient.address,
-            domain=target.domain,
+            domain=recipient.domain,
             attempt=recipient.attempts,
             egress_source=egress.name,
             peer={"host": peer.host, "address": peer.address} if peer else None,

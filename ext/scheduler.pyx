@@ -12,7 +12,7 @@ ready, timers fire in (due, rank) order and expired() returns items in (expires,
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.math cimport INFINITY
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
 __all__ = ["KEY_SIZE", "MAX_QUEUES", "PRIORITIES", "Scheduler", "SchedulerFull"]
 
@@ -493,6 +493,27 @@ cdef class Scheduler:
         if slot < 0:
             return None
         entry = self._entry(slot)
+        self._release(slot)
+        return entry
+
+    def take(self, int64_t item, bytes key) -> object:
+        """Removes `item` and returns its entry when it is ready, no hold matches it and it carries `key`
+        (a caller that derives ids from keys checks it got its own); None, changing nothing, otherwise."""
+        cdef int32_t slot = self._find(item)
+        cdef Rec *r
+        if slot < 0:
+            return None
+        r = &self.recs[slot]
+        if (
+            r.state != _READY
+            or (self.nholds and self._held(r))
+            or r.keylen != len(key)
+            or memcmp(r.key, <const char *>key, r.keylen) != 0
+        ):
+            return None
+        entry = self._entry(slot)
+        _heap_remove(self.recs, _K_READY, &self.queues[r.queue].ready, r.hpos)
+        _heap_remove(self.recs, _K_EXPIRY, &self.expiry, r.xpos)
         self._release(slot)
         return entry
 

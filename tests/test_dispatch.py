@@ -133,6 +133,24 @@ def test_suspended_destination_stays_queued_and_resume_keeps_priority(with_rig) 
     with_rig(scenario)
 
 
+def test_recipients_behind_one_route_share_a_transaction_unless_held(with_rig, sink: Sink) -> None:
+    async def scenario(rig: Rig) -> None:
+        rig.dispatcher.suspend("c", domain="c.test")
+        await rig.inject(["a.test", "b.test", "c.test", "d.test"])
+        await rig.wait(lambda: len(rig.outcomes("Delivery")) == 3)
+        (envelope, _), *others = sink.messages()
+        assert not others
+        assert sorted(envelope["recipients"]) == ["user@a.test", "user@b.test", "user@d.test"]
+        assert sorted(e["domain"] for e in rig.outcomes("Delivery")) == ["a.test", "b.test", "d.test"]
+        assert summary(rig.dispatcher) == {"c.test": (0, 0, 1)}
+        rig.dispatcher.resume("c")
+        await rig.wait(lambda: len(rig.outcomes("Delivery")) == 4)
+        transactions = sorted(sorted(envelope["recipients"]) for envelope, _ in sink.messages())
+        assert transactions == [["user@a.test", "user@b.test", "user@d.test"], ["user@c.test"]]
+
+    with_rig(scenario)
+
+
 def test_a_suspension_covers_queues_created_after_it(with_rig) -> None:
     async def scenario(rig: Rig) -> None:
         rig.dispatcher.suspend("late", domain="new.test", campaign="spring")

@@ -137,6 +137,24 @@ def test_entries_carry_key_and_creation_time(impl: ModuleType) -> None:
         scheduler.schedule(4, 0, 5, 0.0, FAR, key=b"k" * 17)
 
 
+def test_take_removes_only_a_ready_unheld_item_with_the_right_key(impl: ModuleType) -> None:
+    scheduler = impl.Scheduler()
+    scheduler.schedule(1, 0, 5, 0.0, 90.0, campaign=3, key=b"one", created=7.0)
+    scheduler.schedule(2, 0, 5, 50.0, 90.0, key=b"two")
+    scheduler.schedule(3, 1, 4, 0.0, 90.0, key=b"three")
+    assert scheduler.take(1, b"two") is None
+    assert scheduler.take(2, b"two") is None
+    assert scheduler.take(9, b"one") is None
+    scheduler.hold(1, campaign=3)
+    assert scheduler.take(1, b"one") is None
+    scheduler.release(1)
+    assert scheduler.take(1, b"one") == (1, 0, 5, b"one", 7.0, 90.0, 3, 0)
+    assert scheduler.take(1, b"one") is None
+    assert (len(scheduler), scheduler.counts(0), scheduler.next_expiry()) == (2, (0, 1), 90.0)
+    assert scheduler.pop(1) == 3
+    assert scheduler.expired(100.0) == [2]
+
+
 def test_remove_matching_takes_every_state_and_only_what_matches(impl: ModuleType) -> None:
     scheduler = impl.Scheduler()
     for item in range(12):
@@ -246,6 +264,10 @@ class Agreement(RuleBasedStateMachine):
     @rule(item=ITEMS)
     def remove(self, item) -> None:
         self.both("remove", item)
+
+    @rule(item=ITEMS, other=st.booleans())
+    def take(self, item, other) -> None:
+        self.both("take", item, (item + other).to_bytes(12, "big"))
 
     @rule(queue=st.integers(-1, 3), campaign=TAGS, tenant=TAGS)
     def remove_matching(self, queue, campaign, tenant) -> None:
