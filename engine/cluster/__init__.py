@@ -34,7 +34,7 @@ log = logging.getLogger("engine.cluster")
 
 BACKOFF_MIN = 0.2  # seconds before the first new session after a failure; doubles up to BACKOFF_MAX
 BACKOFF_MAX = 5.0
-PUBLISH_INTERVAL = 0.1  # how often the suppression journal is read (workers write it without a signal)
+PUBLISH_INTERVAL = 0.05  # how often the suppression journal is read (workers write it without a signal)
 HEARTBEAT = 1.0  # nodes are counted by heartbeats younger than 5 of these
 BATCH = 500
 
