@@ -8,7 +8,8 @@ now=time.monotonic(), key=spool_key, created=unix_time) raises SchedulerFull at 
 A timer task sleeps until min(next_due(), next_expiry()), then wakes the queues advance(now) returns and
 bounces expired_entries(now); pop_entry(queue) gives the next entry (item, queue, priority, key, created,
 expires, campaign, tenant) or None. An operator suspension is hold(id, queue, campaign, tenant) (-1 / 0:
-any); release(id) returns the queues to wake. remove_matching() serves admin bounces, summary() queue views.
+any); release(id) returns the queues to wake. remove_matching() serves admin bounces, summary() queue views,
+take(item, key) lets a delivery carry another ready item of the same message along.
 """
 
 import os
