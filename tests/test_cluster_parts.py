@@ -320,7 +320,7 @@ def test_entries_and_rules_made_while_redis_was_away_reach_the_others(
         redis_server.start()  # empty: a new epoch, both nodes offer what they have
         await until(lambda: b.suppression.contains("offline@example.org"), 10)
         await until(lambda: rule.id in b.suspensions.rules, 10)
-        assert a.throttles["bulk"].leased()
+        await until(lambda: first.joined and a.throttles["bulk"].leased())
         await first.close()
         await second.close()
 
