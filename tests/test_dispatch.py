@@ -166,7 +166,7 @@ def test_a_suspension_covers_queues_created_after_it(with_rig) -> None:
 def test_suspended_messages_still_expire(with_rig) -> None:
     async def scenario(rig: Rig) -> None:
         rig.dispatcher.suspend("all")
-        await rig.inject(["a.test"], created=time.time() - 3600 + 0.3)
+        await rig.inject(["a.test"], created=time.time() - 3600 + 2.0)
         await rig.wait(lambda: summary(rig.dispatcher).get("a.test") == (0, 0, 1))
         await rig.wait(lambda: len(rig.outcomes("Expiration")) == 1)
         assert summary(rig.dispatcher) == {}
