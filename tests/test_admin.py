@@ -153,8 +153,9 @@ def _restarted(admin: Admin, old_pid: int) -> bool:
 
 def test_suspension_with_duration_ends_by_itself(running, sink: Sink) -> None:
     engine, admin, ports = running
+    asked = time.time()
     rule = admin.ok("POST", "/api/v1/suspend", {"domain": "brief.test", "duration": "3s", "reason": "short pause"})
-    assert rule["until"] == pytest.approx(time.time() + 3, abs=2)
+    assert asked + 3 <= rule["until"] <= time.time() + 3  # from when the supervisor took it, however loaded
     send(ports[0], ["a@brief.test"])
     wait_for(lambda: engine.events("Delivery"), 10, what="delivery after the suspension ended")
     (delivery,) = engine.events("Delivery")
