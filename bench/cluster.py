@@ -62,7 +62,7 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
 
 def local_checks(count: int) -> tuple[float, float]:
     """(alone, leased) seconds per rate check that lets a message go, best of three runs taken in turns."""
-    table = _throttle.ThrottleTable.create(None, 64, 4)
+    table = _throttle.ThrottleTable.create(None, 64, 4, leases=True)
     best, clock, waits = [float("inf"), float("inf")], 0.0, 0.0
     for _ in range(3):
         for leased in (False, True):
@@ -81,7 +81,7 @@ def local_checks(count: int) -> tuple[float, float]:
 async def redis_round_trips(url: str, count: int) -> tuple[float, float, float]:
     """(one lease call, one lease amortised over a 1,000/s batch, one connection slot take + give back)."""
     link = Link(url, "bench")
-    table = _throttle.ThrottleTable.create(None, 64, 4)
+    table = _throttle.ThrottleTable.create(None, 64, 4, leases=True)
     leaser = RateLeaser(link, {"bench": table})
     table.set_leased(True)
     slot = link.commands.register_script(
@@ -127,7 +127,7 @@ def smtp_session_open(count: int) -> float:
 async def shared_rate(url: str, seconds: float) -> tuple[float, list[int]]:
     """Two nodes, each spending every token it can get: (total messages per second, messages per node)."""
     links = [Link(url, f"node-{n}") for n in range(2)]
-    tables = [_throttle.ThrottleTable.create(None, 64, 1) for _ in range(2)]
+    tables = [_throttle.ThrottleTable.create(None, 64, 1, leases=True) for _ in range(2)]
     leasers = [RateLeaser(link, {"bulk": table}) for link, table in zip(links, tables, strict=True)]
     for table in tables:
         table.set_leased(True)

@@ -8,19 +8,21 @@ process-shared pthread mutex per slot (through ctypes here), so either can drive
 A worker killed while holding a slot's mutex leaves it to the next locker (EOWNERDEAD); its connection
 leases are dropped by reclaim(worker) or expire on their own when not renewed.
 
-Clustered nodes share a rate through Redis (engine.cluster.rates): the supervisor switches the table to
-leased mode, and then a message also needs a token the supervisor leased from the cluster for its slot.
+Clustered nodes share a rate through Redis (engine.cluster.rates): their tables are created with a lease
+area, and while the supervisor switches the table to leased mode a message also needs a token the
+supervisor leased from the cluster for its slot.
 acquire() leaves the slot's rate, burst and unmet demand for the supervisor to read (demand()) and the
 supervisor hands tokens out with grant(); a token not used by its end time is dropped, so tokens leased
 in one moment cannot pile up into a burst later.
 
 Layout (little-endian): a 64-byte header (magic b"ENGTHRT2", u32 slots, u32 workers, u32 slot size,
-u32 leased flag), then `slots` slots of 128 + 32 * workers bytes: pthread_mutex_t at 0 (48 bytes
-reserved), u64 key at 48 (0 = free; keys are never removed), i64 GCRA theoretical arrival time in
-nanoseconds at 56, the lease fields at 64 (f64 rate and i64 burst last asked for, i64 leased tokens,
-i64 their end in nanoseconds, i64 acquires refused for want of a token and i64 tokens taken, both since
-the last grant), then per worker entry: i64 worker id, i64 open connections, f64 lease seconds, f64
-lease end (monotonic seconds). Times are time.monotonic() seconds, shared by every process on the host.
+u32 leased flag, u64 offset of the lease area or 0), then `slots` slots of 64 + 32 * workers bytes:
+pthread_mutex_t at 0 (48 bytes reserved), u64 key at 48 (0 = free; keys are never removed), i64 GCRA
+theoretical arrival time in nanoseconds at 56, then per worker entry: i64 worker id, i64 open
+connections, f64 lease seconds, f64 lease end (monotonic seconds). The lease area, when there is one,
+has 48 bytes per slot, guarded by the slot's mutex: f64 rate and i64 burst last asked for, i64 leased
+tokens, i64 their end in nanoseconds, i64 acquires refused for want of a token and i64 tokens taken,
+both since the last grant. Times are time.monotonic() seconds, shared by every process on the host.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ __all__ = ["TableFull", "ThrottleTable", "throttle_key"]
 
 MAGIC = b"ENGTHRT2"
 HEADER = struct.Struct("<8sIII")
+_LEASE_AREA = struct.Struct("<Q")
 HEADER_SIZE = 64
 LEASED_AT = 20
+LEASE_AREA_AT = 24
 MUTEX_SIZE = 48
-LEASE_AT = 64
-SLOT_HEAD = 128
+SLOT_HEAD = 64
 LEASE_WAIT = 0.025  # seconds a worker waits for tokens when its slot has none (the supervisor leases every 50 ms)
 ENTRY = struct.Struct("<qqdd")
 _KEY = struct.Struct("<Q")
@@ -78,17 +81,19 @@ def slot_size(workers: int) -> int:
     return SLOT_HEAD + ENTRY.size * workers
 
 
-def open_table(path: str | os.PathLike | None, slots: int, workers: int) -> mmap.mmap:
-    """A new, initialised table; a file is written aside and renamed so attachers never see it half-made."""
+def open_table(path: str | os.PathLike | None, slots: int, workers: int, leases: bool = False) -> mmap.mmap:
+    """A new, initialised table (with a lease area if `leases`); a file is written aside and renamed so
+    attachers never see it half-made."""
     if not 1 <= workers <= 4096:
         raise ValueError("workers must be in [1, 4096]")
     if not 1 <= slots <= 1 << 24:
         raise ValueError("slots must be in [1, 2**24]")
     slots = 1 << (slots - 1).bit_length()
-    size = HEADER_SIZE + slots * slot_size(workers)
+    lease_area = HEADER_SIZE + slots * slot_size(workers) if leases else 0
+    size = HEADER_SIZE + slots * slot_size(workers) + (slots * _LEASE.size if leases else 0)
     if path is None:
         table = mmap.mmap(-1, size)
-        _initialise(table, slots, workers)
+        _initialise(table, slots, workers, lease_area)
         return table
     temporary = f"{os.fspath(path)}.{os.getpid()}.tmp"
     descriptor = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -97,7 +102,7 @@ def open_table(path: str | os.PathLike | None, slots: int, workers: int) -> mmap
         table = mmap.mmap(descriptor, size)
     finally:
         os.close(descriptor)
-    _initialise(table, slots, workers)
+    _initialise(table, slots, workers, lease_area)
     os.replace(temporary, path)
     return table
 
@@ -110,14 +115,17 @@ def attach_table(path: str | os.PathLike) -> mmap.mmap:
     finally:
         os.close(descriptor)
     magic, slots, workers, size = HEADER.unpack_from(table, 0)
-    if magic != MAGIC or size != slot_size(workers) or len(table) < HEADER_SIZE + slots * size:
+    (lease_area,) = _LEASE_AREA.unpack_from(table, LEASE_AREA_AT)
+    end = lease_area + slots * _LEASE.size if lease_area else HEADER_SIZE + slots * size
+    if magic != MAGIC or size != slot_size(workers) or len(table) < end:
         table.close()
         raise ValueError(f"{path} is not a throttle table")
     return table
 
 
-def _initialise(table: mmap.mmap, slots: int, workers: int) -> None:
+def _initialise(table: mmap.mmap, slots: int, workers: int, lease_area: int) -> None:
     HEADER.pack_into(table, 0, MAGIC, slots, workers, slot_size(workers))
+    _LEASE_AREA.pack_into(table, LEASE_AREA_AT, lease_area)
     attributes = ctypes.create_string_buffer(64)
     _libc.pthread_mutexattr_init(attributes)
     _libc.pthread_mutexattr_setpshared(attributes, _PTHREAD_PROCESS_SHARED)
@@ -139,15 +147,19 @@ class ThrottleTable:
     def __init__(self, table: mmap.mmap, path: str | None = None) -> None:
         """Wraps a mapped table; use create() or attach()."""
         _, self.slots, self.workers, self._slot_size = HEADER.unpack_from(table, 0)
+        (self._lease_area,) = _LEASE_AREA.unpack_from(table, LEASE_AREA_AT)
         self.path = path
         self._map = table
         self._buffer = ctypes.c_char.from_buffer(table)
         self._base = ctypes.addressof(self._buffer) + HEADER_SIZE
 
     @classmethod
-    def create(cls, path: str | os.PathLike | None = None, slots: int = 4096, workers: int = 16) -> ThrottleTable:
-        """A fresh table (slots rounded up to a power of two): a file at `path`, or anonymous when None."""
-        return cls(open_table(path, slots, workers), None if path is None else os.fspath(path))
+    def create(
+        cls, path: str | os.PathLike | None = None, slots: int = 4096, workers: int = 16, leases: bool = False
+    ) -> ThrottleTable:
+        """A fresh table (slots rounded up to a power of two): a file at `path`, or anonymous when None;
+        `leases` gives it the lease area a cluster node needs (48 bytes a slot)."""
+        return cls(open_table(path, slots, workers, leases), None if path is None else os.fspath(path))
 
     @classmethod
     def attach(cls, path: str | os.PathLike) -> ThrottleTable:
@@ -224,8 +236,11 @@ class ThrottleTable:
         finally:
             self._release_lock(offset)
 
+    def _lease_position(self, offset: int) -> int:
+        return self._lease_area + offset // self._slot_size * _LEASE.size
+
     def _take_token(self, offset: int, rate: float, burst: int, now_ns: int) -> bool:
-        position = HEADER_SIZE + offset + LEASE_AT
+        position = self._lease_position(offset)
         _, _, tokens, until, refused, taken = _LEASE.unpack_from(self._map, position)
         if tokens > 0 and until > now_ns:
             _LEASE.pack_into(self._map, position, rate, burst, tokens - 1, until, refused, taken + 1)
@@ -241,11 +256,13 @@ class ThrottleTable:
 
     def set_leased(self, leased: bool) -> None:
         """The supervisor's switch: on while it leases tokens from the cluster, off to shape alone."""
+        self._check_lease_area()
         _FLAG.pack_into(self._map, LEASED_AT, 1 if leased else 0)
 
     def demand(self, now: float) -> list[tuple[int, float, int, int, int, int]]:
         """(key, rate, burst, valid tokens left, acquires refused, tokens taken) of every slot that asked for
         or took a token since its last grant: the keys the supervisor leases tokens for, and how many."""
+        self._check_lease_area()
         now_ns = int(now * 1e9)
         found = []
         for slot in range(self.slots):
@@ -255,7 +272,7 @@ class ThrottleTable:
                 continue
             self._acquire_lock(offset)
             try:
-                lease = _LEASE.unpack_from(self._map, HEADER_SIZE + offset + LEASE_AT)
+                lease = _LEASE.unpack_from(self._map, self._lease_position(offset))
             finally:
                 self._release_lock(offset)
             rate, burst, tokens, until, refused, taken = lease
@@ -266,14 +283,19 @@ class ThrottleTable:
     def grant(self, key: int, tokens: int, now: float, until: float) -> None:
         """Adds `tokens` leased from the cluster to the key's slot (with those still valid at `now`); all of
         them expire at `until`. Clears the slot's demand."""
+        self._check_lease_area()
         offset = self._locate(key, True)
         try:
-            position = HEADER_SIZE + offset + LEASE_AT
+            position = self._lease_position(offset)
             rate, burst, left, end, _, _ = _LEASE.unpack_from(self._map, position)
             left = left if end > int(now * 1e9) else 0
             _LEASE.pack_into(self._map, position, rate, burst, left + max(tokens, 0), int(until * 1e9), 0, 0)
         finally:
             self._release_lock(offset)
+
+    def _check_lease_area(self) -> None:
+        if not self._lease_area:
+            raise ValueError("this table has no lease area: create it with leases=True")
 
     # connections
 

@@ -23,10 +23,12 @@ def throttle_path(config: Config, lane: str) -> Path:
 
 
 def create_lane_table(config: Config, lane: Lane) -> ThrottleTable:
-    """The supervisor's fresh table for one lane (never reused across starts)."""
+    """The supervisor's fresh table for one lane (never reused across starts); a cluster node's has room
+    for the rate tokens it leases (engine.cluster.rates)."""
     path = throttle_path(config, lane.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return ThrottleTable.create(path, slots=SLOTS, workers=max(lane.workers, 1))
+    leases = config.cluster.redis is not None
+    return ThrottleTable.create(path, slots=SLOTS, workers=max(lane.workers, 1), leases=leases)
 
 
 def attach_lane_table(config: Config, lane: Lane) -> ThrottleTable:

@@ -74,10 +74,10 @@ cdef struct Lease:
 cdef enum:
     _HEADER = 64
     _LEASED = 20
+    _LEASE_AREA = 24
     _KEY = 48
     _TAT = 56
-    _LEASE = 64
-    _ENTRIES = 128
+    _ENTRIES = 64
 
 cdef uint64_t _GOLDEN = 0x9E3779B97F4A7C15ULL
 
@@ -103,6 +103,7 @@ cdef class ThrottleTable:
     cdef bint _viewing
     cdef char *_slots
     cdef uint32_t *_leased
+    cdef char *_leases
     cdef uint64_t _mask
     cdef uint32_t _slot_size
     cdef readonly uint32_t slots
@@ -112,6 +113,7 @@ cdef class ThrottleTable:
     def __init__(self, table, path=None):
         """Wraps a mapped table; use create() or attach()."""
         cdef const char *header
+        cdef uint64_t lease_area
         PyObject_GetBuffer(table, &self._view, PyBUF_WRITABLE)
         self._viewing = True
         self._map = table
@@ -123,15 +125,18 @@ cdef class ThrottleTable:
         self._mask = self.slots - 1
         self._slots = <char *>self._view.buf + _HEADER
         self._leased = <uint32_t *>(<char *>self._view.buf + _LEASED)
+        memcpy(&lease_area, header + _LEASE_AREA, 8)
+        self._leases = <char *>self._view.buf + lease_area if lease_area else NULL
 
     def __dealloc__(self):
         if self._viewing:
             PyBuffer_Release(&self._view)
 
     @classmethod
-    def create(cls, path=None, int slots=4096, int workers=16):
-        """A fresh table (slots rounded up to a power of two): a file at `path`, or anonymous when None."""
-        return cls(open_table(path, slots, workers), None if path is None else os.fspath(path))
+    def create(cls, path=None, int slots=4096, int workers=16, bint leases=False):
+        """A fresh table (slots rounded up to a power of two): a file at `path`, or anonymous when None;
+        `leases` gives it the lease area a cluster node needs (48 bytes a slot)."""
+        return cls(open_table(path, slots, workers, leases), None if path is None else os.fspath(path))
 
     @classmethod
     def attach(cls, path):
@@ -190,7 +195,7 @@ cdef class ThrottleTable:
         if wait > 0:
             throttle_unlock(slot)
             return wait / 1e9
-        if self._leased[0] and not _take_token(<Lease *>(slot + _LEASE), rate, burst, now_ns):
+        if self._leased[0] and not _take_token(self._lease(slot), rate, burst, now_ns):
             throttle_unlock(slot)
             return LEASE_WAIT
         (<int64_t *>(slot + _TAT))[0] = tat + interval
@@ -204,7 +209,7 @@ cdef class ThrottleTable:
 
     def set_leased(self, bint leased) -> None:
         """The supervisor's switch: on while it leases tokens from the cluster, off to shape alone."""
-        self._check_open()
+        self._check_lease_area()
         self._leased[0] = 1 if leased else 0
 
     def demand(self, double now) -> list:
@@ -217,7 +222,7 @@ cdef class ThrottleTable:
         cdef int64_t tokens
         cdef int status
         found = []
-        self._check_open()
+        self._check_lease_area()
         for index in range(self.slots):
             slot = self._slots + index * self._slot_size
             key = throttle_peek_key(slot)
@@ -226,7 +231,7 @@ cdef class ThrottleTable:
             status = throttle_lock(slot)
             if status:
                 raise OSError(status, os.strerror(status))
-            lease = (<Lease *>(slot + _LEASE))[0]
+            lease = self._lease(slot)[0]
             throttle_unlock(slot)
             if lease.refused or lease.taken:
                 tokens = lease.tokens if lease.until > now_ns else 0
@@ -236,8 +241,11 @@ cdef class ThrottleTable:
     def grant(self, uint64_t key, int64_t tokens, double now, double until) -> None:
         """Adds `tokens` leased from the cluster to the key's slot (with those still valid at `now`); all of
         them expire at `until`. Clears the slot's demand."""
-        cdef char *slot = self._locate(key, True)
-        cdef Lease *lease = <Lease *>(slot + _LEASE)
+        cdef char *slot
+        cdef Lease *lease
+        self._check_lease_area()
+        slot = self._locate(key, True)
+        lease = self._lease(slot)
         if lease.until <= <int64_t>(now * 1e9):
             lease.tokens = 0
         lease.tokens += tokens if tokens > 0 else 0
@@ -250,6 +258,16 @@ cdef class ThrottleTable:
         if not self._viewing:
             raise ValueError("the table is closed")
         return 0
+
+    cdef int _check_lease_area(self) except -1:
+        self._check_open()
+        if self._leases == NULL:
+            raise ValueError("this table has no lease area: create it with leases=True")
+        return 0
+
+    cdef inline Lease *_lease(self, char *slot) noexcept nogil:
+        """The lease record of a slot (the table has a lease area whenever leased mode can be on)."""
+        return <Lease *>(self._leases + (slot - self._slots) // self._slot_size * sizeof(Lease))
 
     def open_connection(self, uint64_t key, int64_t limit, int64_t worker, double now, double lease) -> bool:
         """Takes one of the key's `limit` connection slots for `worker` (held for `lease` s unless renewed)."""

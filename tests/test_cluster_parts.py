@@ -54,7 +54,7 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 def test_leased_table_spends_only_granted_tokens_and_reports_demand(impl: ModuleType) -> None:
-    table = impl.ThrottleTable.create(None, slots=8, workers=2)
+    table = impl.ThrottleTable.create(None, slots=8, workers=2, leases=True)
     assert table.acquire(KEY, 10.0, 2, 1.0) == 0.0 and table.demand(1.0) == []  # alone: no demand kept
     table.set_leased(True)
     assert table.leased()
@@ -76,9 +76,24 @@ def test_leased_table_spends_only_granted_tokens_and_reports_demand(impl: Module
     table.close()
 
 
+def test_only_a_cluster_node_pays_for_the_lease_area(impl: ModuleType, tmp_path: Path) -> None:
+    alone = impl.ThrottleTable.create(tmp_path / "alone", slots=1024, workers=2)
+    clustered = impl.ThrottleTable.create(tmp_path / "clustered", slots=1024, workers=2, leases=True)
+    slots = (tmp_path / "alone").stat().st_size - _throttle_py.HEADER_SIZE
+    assert slots == 1024 * _throttle_py.slot_size(2)
+    assert (tmp_path / "clustered").stat().st_size - _throttle_py.HEADER_SIZE == slots + 1024 * 48
+    for method, args in (("set_leased", (True,)), ("demand", (1.0,)), ("grant", (KEY, 1, 1.0, 2.0))):
+        with pytest.raises(ValueError, match="lease area"):
+            getattr(alone, method)(*args)
+    assert not alone.leased() and alone.acquire(KEY, 5.0, 1, 1.0) == 0.0
+    assert impl.ThrottleTable.attach(tmp_path / "clustered").demand(1.0) == []
+    alone.close()
+    clustered.close()
+
+
 def test_the_leased_flag_is_shared_through_the_file(impl: ModuleType, tmp_path: Path) -> None:
     other = importlib.import_module(IMPLEMENTATIONS["python" if impl.__name__.endswith("_throttle") else "compiled"])
-    table = impl.ThrottleTable.create(tmp_path / "table", slots=8, workers=2)
+    table = impl.ThrottleTable.create(tmp_path / "table", slots=8, workers=2, leases=True)
     worker = other.ThrottleTable.attach(tmp_path / "table")
     table.set_leased(True)
     assert worker.leased() and worker.acquire(KEY, 5.0, 1, 1.0) == _throttle_py.LEASE_WAIT
@@ -103,7 +118,9 @@ OPERATIONS = st.lists(
 @settings(max_examples=60, deadline=None)
 @given(OPERATIONS)
 def test_both_implementations_lease_alike(operations: list[tuple]) -> None:
-    tables = [importlib.import_module(name).ThrottleTable.create(None, 8, 2) for name in IMPLEMENTATIONS.values()]
+    tables = [
+        importlib.import_module(name).ThrottleTable.create(None, 8, 2, leases=True) for name in IMPLEMENTATIONS.values()
+    ]
     now = 100.0
     for operation in operations:
         results = []
@@ -208,7 +225,7 @@ def test_two_tables_leasing_from_one_redis_share_the_rate(redis_url: str) -> Non
 
     async def run() -> list[int]:
         links = [Link(redis_url, f"node-{n}") for n in range(2)]
-        tables = [_throttle_py.ThrottleTable.create(None, 8, 1) for _ in range(2)]
+        tables = [_throttle_py.ThrottleTable.create(None, 8, 1, leases=True) for _ in range(2)]
         leasers = [RateLeaser(link, {"bulk": table}) for link, table in zip(links, tables, strict=True)]
         for leaser in leasers:
             leaser.set_leased(True)
@@ -247,7 +264,7 @@ class Supervisor:
     def __init__(self, directory: Path) -> None:
         self.suspensions = SuspensionStore(directory / "suspensions.json")
         self.suppression = SuppressionList(directory / "suppression")
-        self.throttles = {"bulk": _throttle_py.ThrottleTable.create(None, 8, 1)}
+        self.throttles = {"bulk": _throttle_py.ThrottleTable.create(None, 8, 1, leases=True)}
         self.cluster: Cluster | None = None
 
     def start(self, url: str, name: str) -> Cluster:

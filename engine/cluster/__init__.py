@@ -18,10 +18,10 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 
 from engine.admin.store import Rule
-from engine.cluster.link import CHANGES, EPOCH, NODES, Link, LinkError, redacted
+from engine.cluster.link import BLOCK, CHANGES, COMMAND_TIMEOUT, EPOCH, NODES, Link, LinkError, redacted
 from engine.cluster.rates import TICK, RateLeaser
 from engine.cluster.suppression import SuppressionReplica
 from engine.cluster.suspensions import Node, SuspensionReplica
@@ -61,6 +61,8 @@ class Cluster:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._alone_since: float | None = None
+        self._closed = False
+        self._live = False  # the session's loops run while this holds (see _session)
 
     def start(self) -> None:
         """Journals local suppression changes from now on, then keeps a session with Redis going."""
@@ -68,9 +70,10 @@ class Cluster:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
+        self._closed, self._live = True, False
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait({self._task}, timeout=BLOCK + 2 * COMMAND_TIMEOUT)
         self.rates.set_leased(False)
         await self.link.close()
 
@@ -85,7 +88,7 @@ class Cluster:
 
     async def _run(self) -> None:
         backoff = BACKOFF_MIN
-        while True:
+        while not self._closed:
             started = time.monotonic()
             try:
                 await self._session()
@@ -143,15 +146,22 @@ class Cluster:
             adopted,
             dropped,
         )
+        self._live = True
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._follow(position))
-                group.create_task(self._publish())
-                group.create_task(self._lease())
-                group.create_task(self._heartbeat())
+                for loop in (self._follow(position), self._publish(), self._lease(), self._heartbeat()):
+                    group.create_task(self._while_live(loop))
         finally:
-            self.joined = False
+            self.joined = self._live = False
             self.rates.set_leased(False)
+
+    async def _while_live(self, loop: Coroutine[None, None, None]) -> None:
+        """One of the session's loops; when one ends, the others end too. Each loop also checks _live, so
+        a cancellation a blocking Redis read swallows (it happens) cannot keep the session going."""
+        try:
+            await loop
+        finally:
+            self._live = False
 
     async def _in_stream(self, position: bytes) -> bool:
         """Whether every change after `position` is still in the stream (it is trimmed to a length)."""
@@ -164,8 +174,8 @@ class Cluster:
 
     async def _follow(self, position: bytes) -> None:
         """Applies every change announced after `position`, this node's own included (they are no-ops)."""
-        while True:
-            answer = await self.link.follower.xread({CHANGES: position}, count=BATCH, block=int(1000 * TICK * 20))
+        while self._live:
+            answer = await self.link.follower.xread({CHANGES: position}, count=BATCH, block=int(1000 * BLOCK))
             for _, entries in answer or ():
                 suppressions = []
                 for _, fields in entries:
@@ -178,7 +188,7 @@ class Cluster:
                 await self.suppression.apply(suppressions, position)
 
     async def _publish(self) -> None:
-        while True:
+        while self._live:
             self._wake.clear()
             await self.suppression.publish()
             await self.suspensions.publish()
@@ -186,7 +196,7 @@ class Cluster:
                 await asyncio.wait_for(self._wake.wait(), PUBLISH_INTERVAL)
 
     async def _lease(self) -> None:
-        while True:
+        while self._live:
             await self.rates.lease()
             await asyncio.sleep(TICK * random.uniform(0.5, 1.5))
 
@@ -198,6 +208,6 @@ class Cluster:
             await pipe.execute()
 
     async def _heartbeat(self) -> None:
-        while True:
+        while self._live:
             await asyncio.sleep(HEARTBEAT)
             await self._heartbeat_once()
