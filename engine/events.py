@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from engine.envelope import Envelope
+from engine.eventjson import encode_record
 
 EVENT_TYPES = frozenset(
     {
@@ -44,13 +45,12 @@ class EventLog:
         self._written = self._path.stat().st_size
         self._buffer: list[bytes] = []
         self._flush_scheduled = False
-        self._encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
         self.subscribers: list[Subscriber] = []
 
     def emit(self, record: dict) -> None:
         for subscriber in self.subscribers:
             subscriber(record)
-        self._buffer.append(self._encode(record).encode() + b"\n")
+        self._buffer.append(encode_record(record))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             try:
