@@ -106,6 +106,11 @@ def test_both_nodes_log_that_they_joined(cluster: Cluster) -> None:
     for each in (cluster.a, cluster.b):
         assert "cluster: joined redis://127.0.0.1" in each.engine.log_text()
     assert cluster.redis.client().zcard("engine:nodes") == 2
+    for each in (cluster.a, cluster.b):
+        request = urllib.request.Request(f"http://127.0.0.1:{each.admin}/api/v1/status")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status = json.loads(response.read())["cluster"]
+        assert status["joined"] and status["redis"] == cluster.redis.url
 
 
 def test_suppression_added_on_one_node_is_honoured_by_the_other(cluster: Cluster) -> None:

@@ -23,6 +23,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.admin.store import Rule
+from engine.cluster.link import redacted
 from engine.compliance import InvalidToken, verify_token
 from engine.reputation import record_complaint
 from engine.units import parse_duration
@@ -200,8 +201,18 @@ async def status(request: web.Request) -> web.Response:
             ],
             "spool": supervisor.spool_sizes(),
             "suspensions": len(supervisor.suspensions.active()),
+            "cluster": cluster_view(supervisor),
         }
     )
+
+
+def cluster_view(supervisor: Supervisor) -> dict | None:
+    """None for a lone node; else the Redis it shares state through (password hidden) and whether it is
+    connected now (a node that lost Redis works alone until it is back)."""
+    cluster = supervisor.cluster
+    if cluster is None:
+        return None
+    return {"redis": redacted(cluster.url), "node": cluster.name, "joined": cluster.joined}
 
 
 async def queues(request: web.Request) -> web.Response:
