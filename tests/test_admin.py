@@ -28,13 +28,6 @@ ENDPOINTS = [
 
 
 @pytest.fixture
-def sink(tmp_path: Path):
-    sink = Sink(tmp_path / "sink")
-    yield sink
-    sink.stop()
-
-
-@pytest.fixture
 def running(tmp_path: Path, sink: Sink):
     engine, admin, ports = start_engine(tmp_path, sink.address)
     yield engine, admin, ports

@@ -86,13 +86,6 @@ class Rig:
 
 
 @pytest.fixture
-def sink(tmp_path: Path):
-    sink = Sink(tmp_path / "sink")
-    yield sink
-    sink.stop()
-
-
-@pytest.fixture
 def with_rig(tmp_path: Path, sink: Sink) -> Callable[[Callable[[Rig], Awaitable[None]]], None]:
     """Runs a scenario (bounded in time) against a started dispatcher on uvloop, then shuts it down."""
 

@@ -10,8 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.harness import Engine, Sink, engine_command, engine_toml, free_port, listener, wait_for
 
 
@@ -43,13 +41,6 @@ def send(port: int, recipients: list[str], lane: str, number: int) -> float:
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
         client.sendmail(f"{lane}@sender.test", recipients, body.encode())
     return started
-
-
-@pytest.fixture
-def sink(tmp_path: Path):
-    sink = Sink(tmp_path / "sink")
-    yield sink
-    sink.stop()
 
 
 def lane_of(message: bytes) -> str:

@@ -25,13 +25,6 @@ def engine_config(sink: Sink, tx_port: int, bulk_port: int, admin_port: int) -> 
 
 
 @pytest.fixture
-def sink(tmp_path: Path):
-    sink = Sink(tmp_path / "sink")
-    yield sink
-    sink.stop()
-
-
-@pytest.fixture
 def ports() -> tuple[int, int, int]:
     return free_port(), free_port(), free_port()
 

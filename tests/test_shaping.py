@@ -7,8 +7,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.harness import Engine, Sink, engine_command, engine_toml, free_port, listener, wait_for
 
 
@@ -35,13 +33,6 @@ def blast(port: int, count: int, concurrency: int = 10, *headers: str, to: str =
         command += ["--header", header]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-@pytest.fixture
-def sink(tmp_path: Path):
-    sink = Sink(tmp_path / "sink")
-    yield sink
-    sink.stop()
 
 
 def test_two_workers_hold_the_lane_wide_rate(tmp_path: Path, sink: Sink) -> None:
