@@ -33,6 +33,7 @@ import hashlib
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 
 __all__ = ["TableFull", "ThrottleTable", "throttle_key"]
 
@@ -265,11 +266,7 @@ class ThrottleTable:
         self._check_lease_area()
         now_ns = int(now * 1e9)
         found = []
-        for slot in range(self.slots):
-            offset = slot * self._slot_size
-            (key,) = _KEY.unpack_from(self._map, HEADER_SIZE + offset + MUTEX_SIZE)
-            if key == 0:
-                continue
+        for offset, key in self._occupied():
             self._acquire_lock(offset)
             try:
                 lease = _LEASE.unpack_from(self._map, self._lease_position(offset))
@@ -360,13 +357,17 @@ class ThrottleTable:
         """Drops every connection `worker` holds (it died); returns how many there were."""
         return self._sweep(worker, 0.0, False)
 
-    def _sweep(self, worker: int, now: float, renew: bool) -> int:
-        covered = 0
+    def _occupied(self) -> Iterator[tuple[int, int]]:
+        """(offset, key) of every slot some key holds."""
         for slot in range(self.slots):
             offset = slot * self._slot_size
             (key,) = _KEY.unpack_from(self._map, HEADER_SIZE + offset + MUTEX_SIZE)
-            if key == 0:
-                continue
+            if key:
+                yield offset, key
+
+    def _sweep(self, worker: int, now: float, renew: bool) -> int:
+        covered = 0
+        for offset, _ in self._occupied():
             self._acquire_lock(offset)
             try:
                 for index, entry in enumerate(self._entries(offset)):
