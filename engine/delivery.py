@@ -39,39 +39,18 @@ _ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
 _UNSAFE_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
 
 
-@dataclass(frozen=True)
-class Response:
-    """An SMTP reply (or one the engine made up) that decides a recipient's fate."""
-
-    code: int
-    enhanced: str | None
-    text: str
-
-    @property
-    def success(self) -> bool:
-        return 200 <= self.code < 300
-
-    @property
-    def transient(self) -> bool:
-        return 400 <= self.code < 500
-
-    @property
-    def permanent(self) -> bool:
-        return 500 <= self.code < 600
-
-    @classmethod
-    def parse(cls, code: int, message: str) -> Response:
-        """Split RFC 3463 enhanced codes off each line of a (multi-line) reply as aiosmtplib gives it."""
-        enhanced = None
-        lines = []
-        for line in message.split("\n"):
-            match = _ENHANCED.match(line)
-            if match:
-                enhanced = enhanced or match.group(1)
-                line = line[match.end() :]
-            if line:
-                lines.append(line)
-        return cls(code, enhanced, " ".join(lines))
+def parse_reply(code: int, message: str) -> Reply:
+    """A reply as aiosmtplib gives it: RFC 3463 enhanced codes split off each line, the lines joined."""
+    enhanced = None
+    lines = []
+    for line in message.split("\n"):
+        match = _ENHANCED.match(line)
+        if match:
+            enhanced = enhanced or match.group(1)
+            line = line[match.end() :]
+        if line:
+            lines.append(line)
+    return Reply(code, enhanced, " ".join(lines))
 
 
 @dataclass(frozen=True)
@@ -84,13 +63,13 @@ class Peer:
 class Attempt:
     """The outcome of one delivery attempt: a reply per recipient, and where it was sent."""
 
-    responses: dict[str, Response]
+    responses: dict[str, Reply]
     peer: Peer | None
 
 
-_BAD_RECIPIENT = Response(501, "5.1.3", "invalid recipient address: control or angle bracket characters")
-_BAD_SENDER = Response(501, "5.1.7", "invalid sender address: control or angle bracket characters")
-_NO_SMTPUTF8 = Response(553, "5.6.7", "non-ASCII address but the server does not support SMTPUTF8")
+_BAD_RECIPIENT = Reply(501, "5.1.3", "invalid recipient address: control or angle bracket characters")
+_BAD_SENDER = Reply(501, "5.1.7", "invalid sender address: control or angle bracket characters")
+_NO_SMTPUTF8 = Reply(553, "5.6.7", "non-ASCII address but the server does not support SMTPUTF8")
 
 
 @dataclass(frozen=True)
@@ -106,7 +85,7 @@ class _Hop:
 class _HopFailed(Exception):
     """No usable session on a hop; `response` is what the recipients get if it was the last hop."""
 
-    def __init__(self, response: Response) -> None:
+    def __init__(self, response: Reply) -> None:
         super().__init__(response.text)
         self.response = response
 
@@ -206,7 +185,7 @@ class Deliverer:
             await asyncio.gather(*self._tasks)
 
     async def deliver(self, domain: str, sender: str, recipients: Sequence[str], message: bytes) -> Attempt:
-        """Send one message to the recipients at `domain`; every recipient gets a Response."""
+        """Send one message to the recipients at `domain`; every recipient gets a Reply."""
         responses = {rcpt: _BAD_RECIPIENT for rcpt in recipients if _UNSAFE_ADDRESS.search(rcpt)}
         valid = [rcpt for rcpt in dict.fromkeys(recipients) if rcpt not in responses]
         if valid and _UNSAFE_ADDRESS.search(sender):
@@ -219,7 +198,7 @@ class Deliverer:
         try:
             hops = await self._next_hops(domain, shaping)
         except (DnsPermanentError, DnsTransientError) as exc:
-            responses.update(dict.fromkeys(valid, Response(exc.code, exc.enhanced, exc.text)))
+            responses.update(dict.fromkeys(valid, Reply(exc.code, exc.enhanced, exc.text)))
             return Attempt(responses, None)
         pool = self._pools.get(domain) or self._pools.setdefault(domain, _Pool(domain, self._key(domain)))
         pool.users += 1
@@ -233,7 +212,7 @@ class Deliverer:
 
     async def _send(
         self, pool: _Pool, hops: list[_Hop], shaping: Shaping, sender: str, recipients: list[str], message: bytes
-    ) -> tuple[dict[str, Response], Peer | None]:
+    ) -> tuple[dict[str, Reply], Peer | None]:
         """One transaction on a pooled session; once more on a new session if the pooled one went stale."""
         fresh = False
         while True:
@@ -375,7 +354,7 @@ class Deliverer:
 
     async def _open(self, hops: list[_Hop], shaping: Shaping) -> _Session:
         """A ready session on the first hop that gives one; the last hop's failure otherwise."""
-        failure = _HopFailed(Response(451, "4.4.1", "no next hop reachable from this egress address"))
+        failure = _HopFailed(Reply(451, "4.4.1", "no next hop reachable from this egress address"))
         for hop in hops:
             try:
                 return await self._open_hop(hop, shaping)
@@ -390,7 +369,7 @@ class Deliverer:
             return await self._connect(hop, shaping, starttls=True)
         except _TlsFailed as exc:
             if shaping.tls == "required":
-                raise _HopFailed(Response(451, "4.7.5", f"TLS required but {exc}")) from None
+                raise _HopFailed(Reply(451, "4.7.5", f"TLS required but {exc}")) from None
         return await self._connect(hop, shaping, starttls=False)
 
     async def _connect(self, hop: _Hop, shaping: Shaping, *, starttls: bool) -> _Session:
@@ -413,7 +392,7 @@ class Deliverer:
                     raise _TlsFailed(f"STARTTLS with {hop} failed: {exc}") from None
                 await self._greet(smtp, hop)
             elif starttls and shaping.tls == "required":
-                raise _HopFailed(Response(451, "4.7.5", f"TLS required but {hop} does not offer STARTTLS"))
+                raise _HopFailed(Reply(451, "4.7.5", f"TLS required but {hop} does not offer STARTTLS"))
             peer = Peer(hop.host, smtp.get_transport_info("peername")[0])
         except aiosmtplib.SMTPConnectResponseError as exc:
             smtp.close()
@@ -443,7 +422,7 @@ class Deliverer:
 
     async def _transact(
         self, session: _Session, sender: str, recipients: list[str], message: bytes
-    ) -> dict[str, Response]:
+    ) -> dict[str, Reply]:
         """MAIL, RCPT per recipient and DATA pipelined; a reply for every recipient."""
         conn = session.conn
         reused = session.deliveries > 0
@@ -455,45 +434,46 @@ class Deliverer:
             mail, rcpt_replies, final = await conn.send_message(sender, recipients, message)
         except ValueError as exc:
             session.deliveries -= 1
-            return dict.fromkeys(recipients, Response(554, "5.6.0", f"message cannot be sent as SMTP data: {exc}"))
+            return dict.fromkeys(recipients, Reply(554, "5.6.0", f"message cannot be sent as SMTP data: {exc}"))
         except SMTPClientError as exc:
             if reused and (not exc.replies or exc.replies[0].code == 421):
                 raise _Stale from None
             conn.close()
             return _after_loss(
-                recipients, exc.replies, Response(451, "4.4.2", f"connection with {session.hop} lost: {exc}")
+                recipients, exc.replies, Reply(451, "4.4.2", f"connection with {session.hop} lost: {exc}")
             )
         if mail.code == 421 and reused:
             raise _Stale
-        if not mail.ok:
-            return dict.fromkeys(recipients, _response(mail))
+        if not mail.success:
+            return dict.fromkeys(recipients, _one_line(mail))
         outcome = {}
         for rcpt, reply in zip(recipients, rcpt_replies, strict=True):
-            if not reply.ok:
-                outcome[rcpt] = _response(reply)
+            if not reply.success:
+                outcome[rcpt] = _one_line(reply)
             elif final is None:
-                outcome[rcpt] = Response(451, "4.4.2", f"no reply to DATA from {session.hop}")
+                outcome[rcpt] = Reply(451, "4.4.2", f"no reply to DATA from {session.hop}")
             else:
-                outcome[rcpt] = _response(final)
+                outcome[rcpt] = _one_line(final)
         return outcome
 
 
-def _after_loss(recipients: list[str], replies: list[Reply], lost: Response) -> dict[str, Response]:
+def _after_loss(recipients: list[str], replies: list[Reply], lost: Reply) -> dict[str, Reply]:
     """Recipients refused before the connection broke keep their refusal; the others get `lost`."""
-    rcpt_replies = replies[1:] if replies and replies[0].ok else []
+    rcpt_replies = replies[1:] if replies and replies[0].success else []
     outcome = dict.fromkeys(recipients, lost)
     for rcpt, reply in zip(recipients, rcpt_replies, strict=False):
-        if not reply.ok:
-            outcome[rcpt] = _response(reply)
+        if not reply.success:
+            outcome[rcpt] = _one_line(reply)
     return outcome
 
 
-def _response(reply: Reply) -> Response:
-    return Response(reply.code, reply.enhanced, reply.text.replace("\n", " "))
+def _one_line(reply: Reply) -> Reply:
+    """The reply with its lines joined by spaces, as the event log records it."""
+    return Reply(reply.code, reply.enhanced, reply.text.replace("\n", " "))
 
 
 def _unreachable(reason: str) -> _HopFailed:
-    return _HopFailed(Response(451, "4.4.1", f"all next hops failed: {reason}"))
+    return _HopFailed(Reply(451, "4.4.1", f"all next hops failed: {reason}"))
 
 
 def _ip_version(address: str) -> int | None:

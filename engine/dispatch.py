@@ -27,12 +27,13 @@ from typing import NamedTuple
 
 from engine.bounces import BounceClassifier
 from engine.config import Config, Egress, Lane
-from engine.delivery import Attempt, Deliverer, Response
+from engine.delivery import Attempt, Deliverer
 from engine.envelope import Envelope, Recipient, RecipientState, waiting_destinations
 from engine.events import EventLog, message_record
 from engine.resolver import Resolver
 from engine.scheduler import Scheduler
 from engine.shaping import LEASE, burst
+from engine.smtp.client import Reply
 from engine.spool import Spool, SpoolError
 from engine.suppression import SuppressionList
 from engine.suspensions import Suspension, Suspensions
@@ -409,7 +410,7 @@ class Dispatcher:
         recipient: Recipient,
         egress: Egress,
         attempt: Attempt,
-        response: Response,
+        response: Reply,
     ) -> dict:
         peer = attempt.peer
         record = message_record(

@@ -238,9 +238,9 @@ class _Run:
                 return
             latency = clock() - start
             for reply in rcpts:
-                if not reply.ok:
+                if not reply.success:
                     self.refused[str(reply.code)] += 1
-            if data is not None and data.ok:
+            if data is not None and data.success:
                 self.sent += 1
                 self.latencies.append(latency)
             else:
@@ -256,11 +256,11 @@ class _Run:
 
 def _first_failure(mail: Reply, rcpts: list[Reply], data: Reply | None) -> str:
     """The reply code that explains why a message was not accepted (MAIL's, DATA's, else a recipient's)."""
-    if not mail.ok:
+    if not mail.success:
         return str(mail.code)
     if data is not None:
         return str(data.code)
-    return next((str(r.code) for r in rcpts if not r.ok), "DATA")
+    return next((str(r.code) for r in rcpts if not r.success), "DATA")
 
 
 def _draw(run: _Run, started: float, final: bool = False) -> None:

@@ -346,7 +346,7 @@ def test_each_recipient_gets_its_own_reply(run, pipelining: bool) -> None:
 
     _, rcpts, data = run(go())
     assert rcpts[1:] == [Reply(550, "5.1.1", "no such user"), Reply(451, "4.3.0", "try later")]
-    assert rcpts[0].ok
+    assert rcpts[0].success
     assert data.code == 250
     assert peer.messages[0].recipients == ["ok@d.test"]
 
@@ -362,7 +362,7 @@ def test_all_recipients_refused_resets_and_the_session_goes_on(run, pipelining: 
         return first, second
 
     (mail, rcpts, data), (_, _, second) = run(go())
-    assert mail.ok and [r.code for r in rcpts] == [550, 550] and data is None
+    assert mail.success and [r.code for r in rcpts] == [550, 550] and data is None
     assert second.code == 250
     first_session = peer.commands[peer.commands.index("RSET") - 1]
     assert first_session == ("DATA" if pipelining else "RCPT TO:<bad@d.test>")
@@ -390,7 +390,7 @@ def test_refused_data_command_resets(run, pipelining: bool) -> None:
         return conn, await conn.send_message("a@src.test", ["x@d.test"], MESSAGE)
 
     conn, (mail, rcpts, data) = run(go())
-    assert mail.ok and rcpts[0].ok and (data.code, data.enhanced) == (451, "4.3.0")
+    assert mail.success and rcpts[0].success and (data.code, data.enhanced) == (451, "4.3.0")
     assert peer.commands[-2:] == ["DATA", "RSET"]
     assert not conn.closed
 
@@ -641,7 +641,7 @@ def test_chunking_sends_envelope_and_body_in_one_write_without_dot_stuffing(run)
         return result
 
     mail, rcpts, data = run(go())
-    assert mail.ok and [r.code for r in rcpts] == [250, 250]
+    assert mail.success and [r.code for r in rcpts] == [250, 250]
     assert data == Reply(250, "2.0.0", "queued as 1")
     content = body + b"\r\n"
     envelope = b"MAIL FROM:<a@src.test> SIZE=%d\r\nRCPT TO:<x@d.test>\r\nRCPT TO:<y@d.test>\r\n" % len(body)
@@ -675,7 +675,8 @@ def test_refused_chunk_resets_and_the_next_message_follows(run) -> None:
 
     peer.replies["bad@d.test"] = "550 5.1.1 no such user"
     conn, (mail, rcpts, data), (_, rcpts2, data2) = run(go())
-    assert mail.ok and rcpts[0].ok and (data.code, data.enhanced, data.text) == (552, "5.3.4", "too big for us")
+    assert mail.success and rcpts[0].success
+    assert (data.code, data.enhanced, data.text) == (552, "5.3.4", "too big for us")
     assert rcpts2[0].code == 550 and data2 is None
     verbs = [c.split(" ")[0] for c in peer.commands if c != "END"]
     assert verbs[-8:] == ["MAIL", "RCPT", "BDAT", "RSET", "MAIL", "RCPT", "BDAT", "RSET"]

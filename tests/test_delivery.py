@@ -26,8 +26,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from engine.config import Config, Egress, load_config
-from engine.delivery import Attempt, Deliverer, Peer, Response
+from engine.delivery import Attempt, Deliverer, Peer, parse_reply
 from engine.resolver import Resolver
+from engine.smtp.client import Reply
 from tests.dnsserver import DnsServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -303,11 +304,11 @@ async def shared_port_servers(*hosts: str, **behaviour: Any) -> list[FakeMx]:
 
 
 def test_response_parse_strips_enhanced_codes_of_every_line() -> None:
-    reply = Response.parse(550, "5.1.1 no such user\n5.1.1 see https://help.test")
-    assert reply == Response(550, "5.1.1", "no such user see https://help.test")
+    reply = parse_reply(550, "5.1.1 no such user\n5.1.1 see https://help.test")
+    assert reply == Reply(550, "5.1.1", "no such user see https://help.test")
     assert reply.permanent and not reply.transient and not reply.success
-    assert Response.parse(250, "ok") == Response(250, None, "ok")
-    assert Response.parse(451, "4.3.0").transient
+    assert parse_reply(250, "ok") == Reply(250, None, "ok")
+    assert parse_reply(451, "4.3.0").transient
 
 
 def test_route_delivers_and_names_the_peer(make: Callable[..., Deliverer], dns: DnsServer, run: Runner) -> None:
@@ -349,7 +350,7 @@ def test_sink_gets_each_message_once_from_the_egress_address(
             "gone@dest.test": 550,
             "ok2@dest.test": 250,
         }
-        assert attempt.responses["gone@dest.test"] == Response(550, "5.1.1", "no such user")
+        assert attempt.responses["gone@dest.test"] == Reply(550, "5.1.1", "no such user")
         assert attempt.peer == Peer("127.0.0.1", "127.0.0.1")
     received = sink.received()
     assert len(received) == 3
@@ -450,7 +451,7 @@ def test_hops_of_the_other_address_family_are_skipped(
 
     both, v6only = run(scenario)
     assert both.responses["b@dest.test"].text.endswith("mx4.dest.test[127.0.0.6]:1: connection refused")
-    assert v6only.responses["b@v6only.test"] == Response(451, "4.4.1", "no next hop reachable from this egress address")
+    assert v6only.responses["b@v6only.test"] == Reply(451, "4.4.1", "no next hop reachable from this egress address")
 
 
 @pytest.mark.parametrize(("rcode", "code", "enhanced"), [("NXDOMAIN", 550, "5.1.2"), ("SERVFAIL", 451, "4.4.3")])
@@ -604,7 +605,7 @@ def test_mail_from_rejection_answers_every_recipient(make: Callable[..., Deliver
         attempt = await send(deliverer, ["b@dest.test", "c@dest.test"])
         await deliverer.close()
         await mx.stop()
-        assert set(attempt.responses.values()) == {Response(550, "5.7.1", "sender blocked")}
+        assert set(attempt.responses.values()) == {Reply(550, "5.7.1", "sender blocked")}
         assert not mx.messages
 
     run(scenario)

@@ -32,15 +32,24 @@ _ENVELOPE, _FINAL, _ABANDON, _RESET = range(4)
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """One SMTP reply; `text` joins the lines of a multi-line reply with "\\n"."""
+    """One SMTP reply a server gave (or one the engine made up in its place) that decides a recipient's
+    fate; `text` joins the lines of a multi-line reply with "\\n"."""
 
     code: int
     enhanced: str | None
     text: str
 
     @property
-    def ok(self) -> bool:
+    def success(self) -> bool:
         return 200 <= self.code < 300
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
 
 
 class SMTPClientError(Exception):
@@ -231,13 +240,13 @@ class SMTPConnection(asyncio.Protocol):
     async def _hello(self, name: str) -> None:
         encoded = _address(name)
         reply = await self._command(b"EHLO " + encoded + b"\r\n")
-        if reply.ok:
+        if reply.success:
             for line in reply.text.split("\n")[1:]:
                 keyword, _, value = line.partition(" ")
                 self.extensions[keyword.upper()] = value
         elif 500 <= reply.code < 600:
             reply = await self._command(b"HELO " + encoded + b"\r\n")
-        if not reply.ok:
+        if not reply.success:
             raise SMTPClientError("EHLO/HELO refused", reply)
         self._use_extensions()
 
@@ -320,7 +329,7 @@ class SMTPConnection(asyncio.Protocol):
             txn.stage = _RESET
             return
         if stage == _RESET:
-            if reply.ok:
+            if reply.success:
                 self._finish(txn, None)
             else:
                 self._abort("RSET refused", reply=reply)
@@ -332,7 +341,7 @@ class SMTPConnection(asyncio.Protocol):
         if count <= last:
             if self._pipelining:
                 return
-            if (count == 1 and not reply.ok) or (count == last and not any(r.ok for r in replies[1:])):
+            if (count == 1 and not reply.success) or (count == last and not any(r.success for r in replies[1:])):
                 txn.stage = _RESET
                 self._send(b"RSET\r\n")
             else:
@@ -341,7 +350,7 @@ class SMTPConnection(asyncio.Protocol):
         if txn.chunked:
             self._chunk_done(txn, reply)
             return
-        if reply.code == 354 and replies[0].ok and any(r.ok for r in replies[1:-1]):
+        if reply.code == 354 and replies[0].success and any(r.success for r in replies[1:-1]):
             txn.stage = _FINAL
             out = txn.body
         elif reply.code == 354:
@@ -349,7 +358,7 @@ class SMTPConnection(asyncio.Protocol):
             out = b".\r\nRSET\r\n"
         else:
             txn.stage = _RESET
-            txn.refusal = reply if replies[0].ok and any(r.ok for r in replies[1:-1]) else None
+            txn.refusal = reply if replies[0].success and any(r.success for r in replies[1:-1]) else None
             out = b"RSET\r\n"
         txn.body = b""
         if self._pipelining:
@@ -362,13 +371,13 @@ class SMTPConnection(asyncio.Protocol):
         """The reply to BDAT LAST is the final one; a refusal leaves the server's transaction open, so RSET
         (the next transaction follows it in the same write)."""
         self._busy = False
-        if reply.ok:
+        if reply.success:
             self._finish(txn, reply)
             self._send(*self._dequeue())
             return
         replies = txn.replies
         txn.stage = _RESET
-        txn.refusal = reply if replies[0].ok and any(r.ok for r in replies[1:-1]) else None
+        txn.refusal = reply if replies[0].success and any(r.success for r in replies[1:-1]) else None
         self._send(b"RSET\r\n", *self._dequeue())
 
     def _finish(self, txn: _Transaction, final: Reply | None) -> None:
