@@ -59,6 +59,7 @@ class Worker:
         self.handlers: list[ReceptionHandler] = []
         self.stopped = asyncio.Event()
         self.control = control
+        self.parent = os.getppid()  # taken first thing: the supervisor may die while this worker starts
 
     async def run(self) -> None:
         config, lane = self.config, self.lane
@@ -81,6 +82,8 @@ class Worker:
         )
         options = postmaster.reception_options()
         control = worker_control.attach(self.control) if worker_control is not None else None
+        if control is not None:
+            control.add_done_callback(self._control_closed)
         recovered = self._recover(spool)
         log.info("worker %s/%d recovered %d messages from its spool", lane.name, self.index, recovered)
         self.dispatcher.start()
@@ -103,7 +106,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.stopped.set)
         loop.add_signal_handler(signal.SIGINT, self.stopped.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
-        watchdog = loop.create_task(self._watch_parent(os.getppid()))
+        watchdog = loop.create_task(self._watch_parent(self.parent))
         await self.stopped.wait()
         watchdog.cancel()
         await asyncio.gather(*(server.close(GRACE_PERIOD) for server in self.servers))
@@ -143,6 +146,15 @@ class Worker:
         for handler in self.handlers:
             handler.signer = signer
         log.info("worker %s/%d reloaded routes and shaping", lane.name, self.index)
+
+    def _control_closed(self, serving: asyncio.Task) -> None:
+        """The supervisor's end of the control channel closes when it dies, even before this worker got
+        far enough to watch its parent pid."""
+        if serving.cancelled() or self.stopped.is_set():
+            return
+        error = serving.exception()
+        log.warning("supervisor closed the control channel%s; stopping", f" ({error})" if error else "")
+        self.stopped.set()
 
     async def _watch_parent(self, parent: int) -> None:
         """An orphaned worker (supervisor killed with -9) stops gracefully instead of holding the sockets."""
