@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import ipaddress
 import json
 import logging
 import re
@@ -27,7 +26,7 @@ from engine.compose import ContentError, built_message, raw_message
 from engine.config import Listener
 from engine.reception import ReceptionHandler
 from engine.smtp.auth import UsersFile
-from engine.smtp.server import Reply, Session
+from engine.smtp.server import Reply, Session, in_networks
 from engine.smtp.tls import server_context
 from engine.smtpproto import parse_path
 
@@ -189,7 +188,8 @@ class HttpInjectionServer:
         peer = request.transport.get_extra_info("peername") or ("", 0)
         local = request.transport.get_extra_info("sockname") or ("", 0)
         tls = request.transport.get_extra_info("sslcontext") is not None
-        session = HttpSession(peer=peer[:2], local=local[:2], may_relay=self._relay_allowed(peer[0]), tls=tls)
+        may_relay = in_networks(peer[0], self.listener.relay_from)
+        session = HttpSession(peer=peer[:2], local=local[:2], may_relay=may_relay, tls=tls)
         authorization = request.headers.get("Authorization")
         if authorization is not None:
             session.authenticated = self._authenticate(authorization, tls)
@@ -198,13 +198,6 @@ class HttpInjectionServer:
                 raise RequestError(403, f"{peer[0]} may not inject here (not in relay_from)")
             raise RequestError(401, "authentication required (HTTP Basic, users_file)")
         return session
-
-    def _relay_allowed(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return False
-        return any(ip in network for network in self.listener.relay_from)
 
     def _authenticate(self, authorization: str, tls: bool) -> str:
         if not tls:

@@ -46,15 +46,12 @@ class Reply:
     wire: bytes = field(init=False, repr=False, compare=False)  # made once: most replies are constants
 
     def __post_init__(self) -> None:
+        """The wire form; a text with newlines becomes a multi-line reply (the EHLO keyword list)."""
         lines = self.text.split("\n")
         enhanced = f"{self.enhanced} " if self.enhanced else ""
         wire = [f"{self.code}-{enhanced}{line}\r\n" for line in lines[:-1]]
         wire.append(f"{self.code} {enhanced}{lines[-1]}\r\n")
         object.__setattr__(self, "wire", "".join(wire).encode())
-
-    def encode(self) -> bytes:
-        """Wire form; a text with newlines becomes a multi-line reply (the EHLO keyword list)."""
-        return self.wire
 
     @property
     def success(self) -> bool:
@@ -168,6 +165,15 @@ _READING = (_COMMAND, _DATA, _CHUNK, _AUTH)
 _MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8"})
 
 
+def in_networks(address: str, networks: Sequence) -> bool:
+    """Whether a client's address (an IPv6 one may carry a %zone) is in one of `networks` (relay_from)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
 def _decode_response(line: bytes) -> str | None:
     """A base64 SASL response as text ("=" is the empty one); None if it is not valid base64 UTF-8."""
     if line == b"=":
@@ -231,11 +237,12 @@ class SMTPServerProtocol(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
-        self.session = Session(peer=peer[:2], local=local[:2], may_relay=self._server.relay_allowed(peer[0]))
+        may_relay = in_networks(peer[0], self._server.relay_from)
+        self.session = Session(peer=peer[:2], local=local[:2], may_relay=may_relay)
         refusal = self._server.admit(self)
         if refusal is not None:
             self._mode = _CLOSED
-            transport.write(refusal.encode())
+            transport.write(refusal.wire)
             transport.close()
             return
         transport.write(f"220 {self._handler.hostname} ESMTP ready\r\n".encode())
@@ -863,13 +870,6 @@ class SMTPServer:
     def mail_parameters(self, session: Session) -> frozenset[str]:
         """AUTH= (RFC 4954 5) is understood wherever AUTH is offered."""
         return _MAIL_PARAMETERS | {"AUTH"} if session.tls and self.users else _MAIL_PARAMETERS
-
-    def relay_allowed(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return False
-        return any(ip in network for network in self.relay_from)
 
     def admit(self, protocol: SMTPServerProtocol) -> Reply | None:
         """Counts a new connection in, or says why it is turned away (421 at connect)."""
