@@ -364,21 +364,30 @@ class Supervisor:
             reason=reason,
             rule_id=rule_id,
         )
-        await self.fan_out(lane, "suspend", **rule.worker_args())
-        self._queue_view = (0.0, [])
-        log.info("suspension %s added: %s", rule.id, rule)
+        await self._apply_rule(rule, "added")
         if self.cluster is not None:
             self.cluster.rule_added(rule)
         return rule
 
     async def resume(self, rule_id: str) -> Rule | None:
+        rule = await self._lift_rule(rule_id, "resumed")
+        if rule is not None and self.cluster is not None:
+            self.cluster.rule_removed(rule_id)
+        return rule
+
+    async def _apply_rule(self, rule: Rule, how: str) -> None:
+        """A rule just stored goes to the running workers of its lane (or all lanes)."""
+        await self.fan_out(rule.lane, "suspend", **rule.worker_args())
+        self._queue_view = (0.0, [])
+        log.info("suspension %s %s: %s", rule.id, how, rule)
+
+    async def _lift_rule(self, rule_id: str, how: str) -> Rule | None:
+        """Removes a rule from the store and from the running workers; None if it was not active."""
         rule = self.suspensions.remove(rule_id)
         if rule is not None:
             await self.fan_out(rule.lane, "resume", rule_id=rule_id)
             self._queue_view = (0.0, [])
-            log.info("suspension %s resumed", rule_id)
-            if self.cluster is not None:
-                self.cluster.rule_removed(rule_id)
+            log.info("suspension %s %s", rule_id, how)
         return rule
 
     # cluster (engine.cluster)
@@ -401,17 +410,11 @@ class Supervisor:
     async def adopt_remote_rule(self, rule: Rule) -> None:
         """A suspension another node made: stored as it is and sent to this node's workers, not shared again."""
         self.suspensions.put(rule)
-        await self.fan_out(rule.lane, "suspend", **rule.worker_args())
-        self._queue_view = (0.0, [])
-        log.info("suspension %s from the cluster: %s", rule.id, rule)
+        await self._apply_rule(rule, "from the cluster")
 
     async def drop_remote_rule(self, rule_id: str) -> None:
         """A suspension resumed on another node (or ended while this one was away)."""
-        rule = self.suspensions.remove(rule_id)
-        if rule is not None:
-            await self.fan_out(rule.lane, "resume", rule_id=rule_id)
-            self._queue_view = (0.0, [])
-            log.info("suspension %s resumed by the cluster", rule_id)
+        await self._lift_rule(rule_id, "resumed by the cluster")
 
     async def bounce(
         self, *, lane: str | None, domain: str | None, campaign: str | None, tenant: str | None, reason: str
