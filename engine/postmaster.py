@@ -77,12 +77,11 @@ class Postmaster:
         self._mailboxes.update(self._own_addresses())
         return self._mailboxes
 
-    def reload(self, config: Config, lane: Lane, signer: DkimSigner | None = None) -> None:
-        """SIGHUP: new thresholds, DSN switch, unsubscribe and feedback addresses; with `signer`, the
-        reloaded DKIM keys, so DSNs written from now on are signed like the mail received from now on."""
+    def reload(self, config: Config, lane: Lane, signer: DkimSigner) -> None:
+        """SIGHUP: new thresholds, DSN switch, unsubscribe and feedback addresses, and the reloaded DKIM
+        keys, so DSNs written from now on are signed like the mail received from now on."""
         self._config, self._lane = config, lane
-        if signer is not None:
-            self._signer = signer
+        self._signer = signer
         self.guard.settings = config.reputation
         self.mailboxes()
 

@@ -207,7 +207,7 @@ def test_postmaster_reload_updates_mailboxes_in_place(tmp_path: Path, config) ->
         path = tmp_path / "engine.toml"
         path.write_text(path.read_text().replace("fbl@mta.test", "abuse-reports@mta.test").replace("1%", "2%"))
         reloaded = load_config(path)
-        postmaster.reload(reloaded, reloaded.lanes["bulk"])
+        postmaster.reload(reloaded, reloaded.lanes["bulk"], DkimSigner.from_config({}))
         assert "abuse-reports@mta.test" in mailboxes and "fbl@mta.test" not in mailboxes
         assert postmaster.guard.settings.max_complaint_rate == 0.02
         broken = {"type": "Bounce", "lane": "bulk", "bounce_class": "bad-mailbox"}  # no recipient
