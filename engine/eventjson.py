@@ -7,6 +7,7 @@ of; a record with anything else (an int subclass, say) is written by the twin, w
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from engine import _eventjson_py
@@ -15,10 +16,8 @@ __all__ = ["IMPLEMENTATION", "encode_record"]
 
 _compiled = None
 if os.environ.get("ENGINE_PURE_PYTHON") != "1":
-    try:
+    with contextlib.suppress(ImportError):  # not built: the twin serves
         from engine._eventjson import encode_record as _compiled
-    except ImportError:
-        _compiled = None
 
 IMPLEMENTATION = "python" if _compiled is None else "compiled"
 

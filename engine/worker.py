@@ -81,8 +81,9 @@ class Worker:
             suspend=worker_control.suspend_lane if worker_control is not None else None,
         )
         options = postmaster.reception_options()
-        control = worker_control.attach(self.control) if worker_control is not None else None
-        if control is not None:
+        control = None
+        if worker_control is not None:
+            control = worker_control.attach(self.control)
             control.add_done_callback(self._control_closed)
         recovered = self._recover(spool)
         log.info("worker %s/%d recovered %d messages from its spool", lane.name, self.index, recovered)
@@ -150,9 +151,9 @@ class Worker:
     def _control_closed(self, serving: asyncio.Task) -> None:
         """The supervisor's end of the control channel closes when it dies, even before this worker got
         far enough to watch its parent pid."""
+        error = None if serving.cancelled() else serving.exception()
         if serving.cancelled() or self.stopped.is_set():
             return
-        error = serving.exception()
         log.warning("supervisor closed the control channel%s; stopping", f" ({error})" if error else "")
         self.stopped.set()
 

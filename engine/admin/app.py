@@ -348,16 +348,20 @@ async def unsubscribe(request: web.Request) -> web.Response:
     reason = f"one-click unsubscribe{f' from campaign {campaign}' if campaign else ''}"
     await _blocking(request.app[SUPERVISOR].suppression.add, recipient, tenant, reason)
     if "text/html" in request.headers.get("Accept", ""):  # the confirmation page's button, in a browser
-        page = UNSUBSCRIBED_PAGE.format(address=html.escape(recipient))
-        return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
+        return unsubscribe_html(UNSUBSCRIBED_PAGE, recipient)
     return web.json_response({"unsubscribed": recipient, "tenant": tenant, "campaign": campaign})
 
 
 async def unsubscribe_page(request: web.Request) -> web.Response:
     """A person who opens the link sees a button; only its POST unsubscribes (link scanners GET links)."""
     recipient, _, _ = unsubscribe_token(request)
-    page = UNSUBSCRIBE_PAGE.format(address=html.escape(recipient))
-    return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
+    return unsubscribe_html(UNSUBSCRIBE_PAGE, recipient)
+
+
+def unsubscribe_html(page: str, address: str) -> web.Response:
+    """A page about one address; never cached, since it is about a person."""
+    text = page.format(address=html.escape(address))
+    return web.Response(text=text, content_type="text/html", headers={"Cache-Control": "no-store"})
 
 
 UNSUBSCRIBE_PAGE = """<!doctype html>
