@@ -57,7 +57,7 @@ def _toml_key(key: str) -> str:
 
 
 def _toml_string(text: str) -> str:
-    """A basic string: quotes and backslashes escaped, control characters as \\uXXXX."""
+    """A basic string: quotes and backslashes escaped, control characters as \\u escapes (ESC is \\u001b)."""
     parts = []
     for char in text:
         if char in '"\\':
