@@ -15,6 +15,9 @@ Durability choices (measured on this machine, see FINDINGS.md): `sync=True` with
 MDB_NOMETASYNC "preserves ACI but not D" (LMDB docs) and a 250 promises D; `writemap=False`, because with a
 writable map a full disk kills the process with SIGBUS instead of failing the commit, and it was no faster.
 Open a Spool after fork: LMDB refuses an environment the parent process still holds.
+
+LMDB calls go through engine.spooldb: compiled against liblmdb, a batch is written in one call that takes
+the GIL once, where py-lmdb (the twin) would hand it back and forth with the event loop on every put.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import lmdb
+from engine.spooldb import REMOVE, STORE, UPDATE, MapFull, MapResized, Panic, SpoolDB
 
 __all__ = ["Spool", "SpoolError"]
 
@@ -40,7 +43,6 @@ LIST_CHUNK = 1024  # envelopes read per read transaction, so listing never pins 
 MADV_DONTNEED = 4
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
-_STORE, _UPDATE, _REMOVE = range(3)
 _Op = tuple[int, bytes, bytes | None, bytes | None]
 
 
@@ -58,10 +60,10 @@ class Spool:
         self._poisoned = False
         self.path.mkdir(parents=True, exist_ok=True)
         self._open(map_size)
-        cleared = self._env.reader_check()
+        cleared = self._db.reader_check()
         if cleared:
             log.info("spool %s: cleared %d stale reader slots", self.path, cleared)
-        self._max_key_size = self._env.max_key_size()
+        self._max_key_size = self._db.max_key_size()
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         # Readers on the event loop and set_mapsize/reopen on the committer must never overlap.
         self._map_lock = threading.Lock()
@@ -82,65 +84,45 @@ class Spool:
         self._last_batch = 0
 
     def _open(self, map_size: int) -> None:
-        self._env = lmdb.open(
-            str(self.path),
-            map_size=map_size,
-            sync=True,
-            metasync=True,
-            writemap=False,
-            max_dbs=2,
-            lock=True,
-        )
-        self._envelopes = self._env.open_db(b"envelope")
-        self._bodies = self._env.open_db(b"body")
+        self._db = SpoolDB(str(self.path), map_size)
 
     async def store(self, key: bytes, envelope: bytes, body: bytes) -> None:
         """Writes a new message; returns once it is on stable storage."""
-        await self._submit((_STORE, self._checked(key), envelope, body))
+        await self._submit((STORE, self._checked(key), envelope, body))
 
     async def update(self, key: bytes, envelope: bytes) -> None:
         """Rewrites only the envelope of a spooled message; a message no longer in the spool stays gone."""
-        await self._submit((_UPDATE, self._checked(key), envelope, None))
+        await self._submit((UPDATE, self._checked(key), envelope, None))
 
     async def remove(self, key: bytes) -> None:
         """Deletes envelope and body; removing a missing key is not an error."""
-        await self._submit((_REMOVE, self._checked(key), None, None))
+        await self._submit((REMOVE, self._checked(key), None, None))
 
     def discard(self, key: bytes) -> None:
         """`remove` in the next commit, without waiting for it. For a message whose last recipient is final:
         losing that removal in a crash only means it is delivered once more after the restart, so a delivery
         need not wait for an fsync before it takes the next message. A failed commit is logged."""
-        self._enqueue((_REMOVE, self._checked(key), None, None), None)
+        self._enqueue((REMOVE, self._checked(key), None, None), None)
 
     def envelope(self, key: bytes) -> bytes | None:
-        with self._map_lock, self._env.begin(db=self._envelopes) as txn:
-            return txn.get(key)
+        with self._map_lock:
+            return self._db.envelope(key)
 
     def body(self, key: bytes) -> bytes | None:
-        with self._map_lock, self._env.begin(db=self._bodies) as txn:
-            return txn.get(key)
+        with self._map_lock:
+            return self._db.body(key)
 
     def envelopes(self) -> Iterator[tuple[bytes, bytes]]:
         """All (key, envelope) in key order, read in chunks so no read transaction outlives a chunk."""
         after: bytes | None = None
         while True:
-            chunk = self._envelope_chunk(after)
+            with self._map_lock:
+                chunk = self._db.envelopes_after(after, LIST_CHUNK)
             self._unmap()
             yield from chunk
             if len(chunk) < LIST_CHUNK:
                 return
             after = chunk[-1][0]
-
-    def _envelope_chunk(self, after: bytes | None) -> list[tuple[bytes, bytes]]:
-        chunk: list[tuple[bytes, bytes]] = []
-        with self._map_lock, self._env.begin(db=self._envelopes) as txn, txn.cursor() as cursor:
-            found = cursor.first() if after is None else cursor.set_range(after)
-            if found and cursor.key() == after:
-                found = cursor.next()
-            while found and len(chunk) < LIST_CHUNK:
-                chunk.append(cursor.item())
-                found = cursor.next()
-        return chunk
 
     def _unmap(self) -> None:
         """Drops this process's mapping of the spool file's pages (not the pages: they stay cached)."""
@@ -155,9 +137,9 @@ class Spool:
 
     def stats(self) -> dict:
         """Counts for the admin API and metrics: contents, space, and how well commits are grouped."""
-        with self._map_lock, self._env.begin() as txn:
-            messages = txn.stat(self._envelopes)["entries"]
-            map_size = self._env.info()["map_size"]
+        with self._map_lock:
+            messages = self._db.entries()
+            map_size = self._db.map_size()
         return {
             "messages": messages,
             "disk_bytes": os.stat(self.path / "data.mdb").st_blocks * 512,
@@ -178,7 +160,7 @@ class Spool:
             self._stopping = True
             self._handover.notify()
         self._committer.join()
-        self._env.close()
+        self._db.close()
 
     def _checked(self, key: bytes) -> bytes:
         if self._closed:
@@ -251,40 +233,26 @@ class Spool:
         grown = resized = False
         while True:
             try:
-                self._write(ops)
+                self._db.write(ops)
                 return
-            except lmdb.MapFullError:
+            except MapFull:
                 if grown or not self._grow():
                     raise
                 grown = True
-            except lmdb.MapResizedError:
+            except MapResized:
                 if resized:
                     raise
                 resized = True
                 self._set_map_size(0)
-            except lmdb.PanicError:
+            except Panic:
                 # A failed meta-page write poisons the environment for good: readers and the next batch need
                 # a fresh one (tried again before every batch until it opens).
                 self._poisoned = True
                 self._reopen()
                 raise
 
-    def _write(self, ops: list[_Op]) -> None:
-        envelopes, bodies = self._envelopes, self._bodies
-        with self._env.begin(write=True) as txn:
-            for kind, key, envelope, body in ops:
-                if kind == _STORE:
-                    txn.put(key, envelope, db=envelopes)
-                    txn.put(key, body, db=bodies)
-                elif kind == _UPDATE:
-                    if txn.get(key, db=envelopes) is not None:
-                        txn.put(key, envelope, db=envelopes)
-                else:
-                    txn.delete(key, db=envelopes)
-                    txn.delete(key, db=bodies)
-
     def _grow(self) -> bool:
-        current = self._env.info()["map_size"]
+        current = self._db.map_size()
         if current >= self._map_size_cap:
             return False
         target = min(current * 2, self._map_size_cap)
@@ -294,11 +262,11 @@ class Spool:
 
     def _set_map_size(self, size: int) -> None:
         with self._map_lock:
-            self._env.set_mapsize(size)
-            self._map_size = self._env.info()["map_size"]
+            self._db.set_map_size(size)
+            self._map_size = self._db.map_size()
 
     def _reopen(self) -> None:
         with self._map_lock:
-            self._env.close()
+            self._db.close()
             self._open(self._map_size)
             self._poisoned = False
