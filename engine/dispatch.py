@@ -330,13 +330,17 @@ class Dispatcher:
         route = self._config.route_for(target.domain)
         if route is None:
             return []
+        by_domain: dict[str, list[Recipient]] = {}
+        for recipient in pending:
+            if recipient.domain != target.domain:
+                by_domain.setdefault(recipient.domain, []).append(recipient)
         taken: list[Recipient] = []
-        for domain in {r.domain for r in pending} - {target.domain}:
+        for domain, recipients in by_domain.items():
             queue = self._queues.get((target.egress, domain))
             if queue is None or self._config.route_for(domain) != route:
                 continue
             if self._scheduler.take(self._item_id(target.key, queue), target.key) is not None:
-                taken += [r for r in pending if r.domain == domain]
+                taken += recipients
         return taken
 
     def _drop_suppressed(self, target: _Target, envelope: Envelope, recipients: list[Recipient]) -> list[Recipient]:

@@ -29,10 +29,13 @@ class Recipient:
     state: RecipientState = RecipientState.PENDING
     attempts: int = 0
     next_attempt: float = 0.0  # Unix time; 0 = as soon as possible
+    domain: str = field(init=False, repr=False, compare=False)  # of the address, worked out once
 
-    @property
-    def domain(self) -> str:
-        return domain_of(self.address)
+    def __post_init__(self) -> None:
+        self.domain = domain_of(self.address)
+
+
+_STATES = tuple(RecipientState)  # by value: cheaper than calling the enum
 
 
 @dataclass(slots=True)
@@ -70,7 +73,7 @@ class Envelope:
             raise ValueError(f"unknown envelope format {version}")
         return cls(
             sender=sender,
-            recipients=[Recipient(a, RecipientState(s), n, t) for a, s, n, t in rcpts],
+            recipients=[Recipient(a, _STATES[s], n, t) for a, s, n, t in rcpts],
             lane=lane,
             created=created,
             size=size,
