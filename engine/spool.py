@@ -86,17 +86,19 @@ class Spool:
     def _open(self, map_size: int) -> None:
         self._db = SpoolDB(str(self.path), map_size)
 
-    async def store(self, key: bytes, envelope: bytes, body: bytes) -> None:
-        """Writes a new message; returns once it is on stable storage."""
-        await self._submit((STORE, self._checked(key), envelope, body))
+    # store, update and remove return futures, not coroutines: awaiting or gathering them costs no Task.
 
-    async def update(self, key: bytes, envelope: bytes) -> None:
+    def store(self, key: bytes, envelope: bytes, body: bytes) -> asyncio.Future[None]:
+        """Writes a new message; done once it is on stable storage."""
+        return self._submit(STORE, key, envelope, body)
+
+    def update(self, key: bytes, envelope: bytes) -> asyncio.Future[None]:
         """Rewrites only the envelope of a spooled message; a message no longer in the spool stays gone."""
-        await self._submit((UPDATE, self._checked(key), envelope, None))
+        return self._submit(UPDATE, key, envelope, None)
 
-    async def remove(self, key: bytes) -> None:
+    def remove(self, key: bytes) -> asyncio.Future[None]:
         """Deletes envelope and body; removing a missing key is not an error."""
-        await self._submit((REMOVE, self._checked(key), None, None))
+        return self._submit(REMOVE, key, None, None)
 
     def discard(self, key: bytes) -> None:
         """`remove` in the next commit, without waiting for it. For a message whose last recipient is final:
@@ -169,9 +171,15 @@ class Spool:
             raise ValueError(f"spool keys are 1 to {self._max_key_size} bytes, got {len(key)}")
         return key
 
-    def _submit(self, op: _Op) -> asyncio.Future[None]:
+    def _submit(self, kind: int, key: bytes, envelope: bytes | None, body: bytes | None) -> asyncio.Future[None]:
+        """The operation's future; a closed spool or an unusable key fails it (raised when awaited)."""
         future = asyncio.get_running_loop().create_future()
-        self._enqueue(op, future)
+        try:
+            op = (kind, self._checked(key), envelope, body)
+        except (SpoolError, ValueError) as error:
+            future.set_exception(error)
+        else:
+            self._enqueue(op, future)
         return future
 
     def _enqueue(self, op: _Op, future: asyncio.Future[None] | None) -> None:
