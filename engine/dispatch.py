@@ -66,6 +66,40 @@ class _InFlight:
         self.users = 0
 
 
+class _OutcomeRecords:
+    """The records of one attempt's recipients. What they share (message fields, egress, peer, and a reply
+    that several recipients got) is built once; every record gets its own dict, in message_record's order."""
+
+    __slots__ = ("_base", "_egress", "_peer", "_responses")
+
+    def __init__(self, target: _Target, envelope: Envelope, egress: Egress, attempt: Attempt) -> None:
+        self._base = message_record("", target.key, envelope)
+        self._egress = egress.name
+        peer = attempt.peer
+        self._peer = {"host": peer.host, "address": peer.address} if peer else None
+        self._responses: dict[int, dict] = {}
+
+    def record(self, event: str, recipient: Recipient, response: Reply) -> dict:
+        shown = self._responses.get(id(response))
+        if shown is None:
+            shown = self._responses[id(response)] = {
+                "code": response.code,
+                "enhanced": response.enhanced,
+                "text": response.text,
+            }
+        record = {
+            **self._base,
+            "recipient": recipient.address,
+            "domain": recipient.domain,
+            "attempt": recipient.attempts,
+            "egress_source": self._egress,
+            "peer": self._peer,
+            "response": shown,
+        }
+        record["type"] = event
+        return record
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -368,7 +402,7 @@ class Dispatcher:
     ) -> None:
         now = time.time()
         retries: dict[str, float] = {}  # domain -> when its deferred recipients are due
-        egress = self._config.egress[target.egress]
+        outcome = _OutcomeRecords(target, envelope, self._config.egress[target.egress], attempt)
         for recipient in recipients:
             response = attempt.responses[recipient.address]
             recipient.attempts += 1
@@ -387,7 +421,13 @@ class Dispatcher:
                     recipient.next_attempt = now + delay
                     retries[recipient.domain] = max(retries.get(recipient.domain, 0.0), recipient.next_attempt)
                     event = "TransientFailure"
-            self._log.emit(self._outcome_record(event, target, envelope, recipient, egress, attempt, response))
+            record = outcome.record(event, recipient, response)
+            if event == "Expiration":
+                record["bounce_class"] = "message-expired"
+            elif event != "Delivery":
+                classify = self.bounce_classifier.classify
+                record["bounce_class"] = classify(response.code, response.enhanced, response.text)
+            self._log.emit(record)
         now_mono = time.monotonic()
         expires = now_mono + (envelope.created + self._lane.max_age - now)
         for domain, retry_at in retries.items():
@@ -405,34 +445,6 @@ class Dispatcher:
     def _retry_delay(self, attempts: int) -> float:
         intervals = self._lane.retry_intervals
         return intervals[min(attempts, len(intervals)) - 1]
-
-    def _outcome_record(
-        self,
-        event: str,
-        target: _Target,
-        envelope: Envelope,
-        recipient: Recipient,
-        egress: Egress,
-        attempt: Attempt,
-        response: Reply,
-    ) -> dict:
-        peer = attempt.peer
-        record = message_record(
-            event,
-            target.key,
-            envelope,
-            recipient=recipient.address,
-            domain=recipient.domain,
-            attempt=recipient.attempts,
-            egress_source=egress.name,
-            peer={"host": peer.host, "address": peer.address} if peer else None,
-            response={"code": response.code, "enhanced": response.enhanced, "text": response.text},
-        )
-        if event == "Expiration":
-            record["bounce_class"] = "message-expired"
-        elif event != "Delivery":
-            record["bounce_class"] = self.bounce_classifier.classify(response.code, response.enhanced, response.text)
-        return record
 
     def _expire(self, target: _Target) -> None:
         self._finish_in_background(target, "Expiration", EXPIRED)
