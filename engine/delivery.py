@@ -195,8 +195,12 @@ class Deliverer:
             return Attempt(responses, None)
         domain = domain.lower()
         shaping = self._config.shaping_for(domain)
+        route = self._config.route_for(domain)  # a static route bypasses MX (and needs no await)
         try:
-            hops = await self._next_hops(domain, shaping)
+            if route is not None:
+                hops = [_Hop(route.host, route.host, route.port)]
+            else:
+                hops = await self._mx_hops(domain, shaping)
         except (DnsPermanentError, DnsTransientError) as exc:
             responses.update(dict.fromkeys(valid, Reply(exc.code, exc.enhanced, exc.text)))
             return Attempt(responses, None)
@@ -217,7 +221,9 @@ class Deliverer:
         fresh = False
         while True:
             try:
-                session = await self._checkout(pool, hops, shaping, fresh=fresh)
+                session = None if fresh else self._take_idle(pool, hops)
+                if session is None:
+                    session = await self._checkout(pool, hops, shaping, fresh=fresh)
             except _HopFailed as exc:
                 return dict.fromkeys(recipients, exc.response), None
             try:
@@ -232,11 +238,8 @@ class Deliverer:
             self._checkin(pool, session, shaping)
             return outcome, session.peer
 
-    async def _next_hops(self, domain: str, shaping: Shaping) -> list[_Hop]:
-        """A static route if configured (bypasses MX), else the resolver's next hops in order."""
-        route = self._config.route_for(domain)
-        if route is not None:
-            return [_Hop(route.host, route.host, route.port)]
+    async def _mx_hops(self, domain: str, shaping: Shaping) -> list[_Hop]:
+        """The resolver's next hops in order."""
         hops = await self._resolver.next_hops(domain)
         # A socket bound to an IPv4 source cannot reach an IPv6 exchange (nor the other way round):
         # skip those rather than let their "address family" error hide why the usable hops failed.
