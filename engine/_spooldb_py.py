@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import lmdb
 
-__all__ = ["REMOVE", "STORE", "UPDATE", "MapFull", "MapResized", "Panic", "SpoolDB", "StoreError"]
+__all__ = ["REMOVE", "STORE", "UPDATE", "MapFull", "MapResized", "Op", "Panic", "SpoolDB", "StoreError"]
 
 STORE, UPDATE, REMOVE = range(3)
 Op = tuple[int, bytes, bytes | None, bytes | None]  # (kind, key, envelope, body)

@@ -31,7 +31,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from engine.spooldb import REMOVE, STORE, UPDATE, MapFull, MapResized, Panic, SpoolDB
+from engine.spooldb import REMOVE, STORE, UPDATE, MapFull, MapResized, Op, Panic, SpoolDB
 
 __all__ = ["Spool", "SpoolError"]
 
@@ -42,8 +42,6 @@ LIST_CHUNK = 1024  # envelopes read per read transaction, so listing never pins 
 
 MADV_DONTNEED = 4
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-
-_Op = tuple[int, bytes, bytes | None, bytes | None]
 
 
 class SpoolError(Exception):
@@ -67,8 +65,8 @@ class Spool:
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         # Readers on the event loop and set_mapsize/reopen on the committer must never overlap.
         self._map_lock = threading.Lock()
-        self._pending: list[tuple[_Op, asyncio.Future[None] | None]] = []  # this loop iteration's operations
-        self._handed: list[tuple[_Op, asyncio.Future[None] | None]] = []  # for the committer's next batch
+        self._pending: list[tuple[Op, asyncio.Future[None] | None]] = []  # this loop iteration's operations
+        self._handed: list[tuple[Op, asyncio.Future[None] | None]] = []  # for the committer's next batch
         self._handover = threading.Condition(threading.Lock())  # guards _handed and _stopping
         self._stopping = False
         self._unfinished = 0  # operations accepted and not yet committed (or failed)
@@ -182,7 +180,7 @@ class Spool:
             self._enqueue(op, future)
         return future
 
-    def _enqueue(self, op: _Op, future: asyncio.Future[None] | None) -> None:
+    def _enqueue(self, op: Op, future: asyncio.Future[None] | None) -> None:
         if not self._pending:
             # Hand over at the end of this loop iteration, so everything submitted in it shares a commit.
             self._loop = asyncio.get_running_loop()
@@ -213,7 +211,7 @@ class Spool:
             else:
                 self._loop.call_soon_threadsafe(self._finished, batch, None)
 
-    def _finished(self, batch: list[tuple[_Op, asyncio.Future[None] | None]], error: Exception | None) -> None:
+    def _finished(self, batch: list[tuple[Op, asyncio.Future[None] | None]], error: Exception | None) -> None:
         if error is None:
             self._commits += 1
             self._ops_committed += len(batch)
@@ -234,7 +232,7 @@ class Spool:
         if not self._unfinished:
             self._idle.set()
 
-    def _commit(self, ops: list[_Op]) -> None:
+    def _commit(self, ops: list[Op]) -> None:
         """One write transaction and one fsync for the whole batch."""
         if self._poisoned:
             self._reopen()

@@ -9,9 +9,20 @@ from __future__ import annotations
 import contextlib
 import os
 
-from engine._spooldb_py import REMOVE, STORE, UPDATE, MapFull, MapResized, Panic, SpoolDB, StoreError
+from engine._spooldb_py import REMOVE, STORE, UPDATE, MapFull, MapResized, Op, Panic, SpoolDB, StoreError
 
-__all__ = ["IMPLEMENTATION", "REMOVE", "STORE", "UPDATE", "MapFull", "MapResized", "Panic", "SpoolDB", "StoreError"]
+__all__ = [
+    "IMPLEMENTATION",
+    "REMOVE",
+    "STORE",
+    "UPDATE",
+    "MapFull",
+    "MapResized",
+    "Op",
+    "Panic",
+    "SpoolDB",
+    "StoreError",
+]
 
 IMPLEMENTATION = "python"
 if os.environ.get("ENGINE_PURE_PYTHON") != "1":
