@@ -36,7 +36,6 @@ PATH = "/api/v1/inject"
 SHUTDOWN_TIMEOUT = 10.0  # seconds a request in progress may take after the listener closes
 FIELDS = ("envelope_sender", "recipients", "content", "campaign", "tenant", "priority")
 CONTROL_VALUE = re.compile(r"[!-~]([ !-~]{0,254})")  # one printable line, as in an X-Engine-* header
-QUEUED = re.compile(r"queued as ([0-9a-f]+)")
 
 
 class RequestError(Exception):
@@ -239,8 +238,7 @@ class HttpInjectionServer:
             reply = await reply
         if reply.code != 250:
             return None, {"recipient": address, "code": reply.code, "enhanced": reply.enhanced, "text": reply.text}
-        queued = QUEUED.search(reply.text)
-        return (queued.group(1) if queued else ""), None
+        return reply.queued or "", None
 
     def _failed(self, session: HttpSession, injection: Injection, recipient: str, reply: Reply) -> dict:
         self.handler.rejected(session, injection.sender, [recipient], reply)

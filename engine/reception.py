@@ -209,7 +209,8 @@ class ReceptionHandler:
             recipients = [r.address for _, envelope, _ in messages for r in envelope.recipients]
             self.rejected(session, messages[0][1].sender, recipients, STORAGE_FAILED, str(error))
             return STORAGE_FAILED
-        return Reply(250, "2.0.0", f"Ok: queued as {messages[0][0].hex()}")
+        queued = messages[0][0].hex()
+        return Reply(250, "2.0.0", f"Ok: queued as {queued}", queued=queued)
 
     def rejected(
         self,

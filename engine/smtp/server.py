@@ -43,6 +43,7 @@ class Reply:
     code: int
     enhanced: str | None
     text: str
+    queued: str | None = field(default=None, compare=False)  # the id of the message a 250 accepted
     wire: bytes = field(init=False, repr=False, compare=False)  # made once: most replies are constants
 
     def __post_init__(self) -> None:
