@@ -15,7 +15,8 @@ REDIS_SERVER = shutil.which("redis-server")
 
 
 class RedisServer:
-    """`redis-server` as a subprocess; stop() and start() again keep the port (and lose the data)."""
+    """`redis-server` as a subprocess; stop() and start() again keep the port (and lose the data), pause() and
+    resume() keep the data."""
 
     def __init__(self, directory: Path, port: int | None = None) -> None:
         self.directory = directory
@@ -46,6 +47,13 @@ class RedisServer:
                 return bool(client.ping())
         except redis.ConnectionError:
             return False
+
+    def pause(self) -> None:
+        """SIGSTOP: unreachable (commands time out) but with its data, as behind a network partition."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL: gone at once, as in a crash."""

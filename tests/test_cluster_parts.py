@@ -344,6 +344,41 @@ def test_entries_and_rules_made_while_redis_was_away_reach_the_others(
     asyncio.run(run())
 
 
+def test_rules_changed_while_redis_was_away_outlive_a_restart_of_the_node(
+    tmp_path: Path, redis_server: RedisServer, redis_url: str
+) -> None:
+    """Redis comes back with its data (same epoch), so nothing is offered again: what the node changed alone
+    must come from its own record of unpublished changes, or rejoining would undo it."""
+    a, b = Supervisor(tmp_path / "a"), Supervisor(tmp_path / "b")
+
+    async def run() -> None:
+        first, second = a.start(redis_url, "a"), b.start(redis_url, "b")
+        await until(lambda: first.joined and second.joined)
+        old = a.suspensions.add(lane=None, domain="old.test", campaign=None, tenant=None, duration=None, reason="r")
+        first.rule_added(old)
+        await until(lambda: old.id in b.suspensions.rules)
+        redis_server.pause()
+        try:
+            await until(lambda: not first.joined, 10)
+            new = a.suspensions.add(lane=None, domain="new.test", campaign=None, tenant=None, duration=None, reason="r")
+            first.rule_added(new)
+            a.suspensions.remove(old.id)
+            first.rule_removed(old.id)
+            await first.close()
+            a.suppression.close()
+            restarted = Supervisor(tmp_path / "a")
+            third = restarted.start(redis_url, "a")
+        finally:
+            redis_server.resume()
+        await until(lambda: third.joined and second.joined, 10)
+        await until(lambda: new.id in b.suspensions.rules and old.id not in b.suspensions.rules, 10)
+        await until(lambda: set(restarted.suspensions.rules) == {new.id}, 10)  # after replaying the stream
+        await third.close()
+        await second.close()
+
+    asyncio.run(run())
+
+
 def test_the_agent_keeps_trying_while_redis_never_answers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     node = Supervisor(tmp_path)
 

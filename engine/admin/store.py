@@ -95,10 +95,15 @@ class SuspensionStore:
         return [rule for rule in self.rules.values() if lane is None or rule.covers(lane)]
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        with temporary.open("w", encoding="utf-8") as file:
-            json.dump([asdict(rule) for rule in self.rules.values()], file, indent=1)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.path)
+        write_json(self.path, [asdict(rule) for rule in self.rules.values()])
+
+
+def write_json(path: Path, data: object) -> None:
+    """Replaces the file atomically with `data` as JSON, on stable storage before it returns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", encoding="utf-8") as file:
+        json.dump(data, file, indent=1)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)

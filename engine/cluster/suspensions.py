@@ -3,8 +3,9 @@
 The `engine:suspensions` hash holds every rule (id -> JSON of engine.admin.store.Rule); each add and
 resume is announced on the change stream. A node stores rules from others in its own SuspensionStore and
 sends them to its workers like its own (Node.adopt_remote_rule / drop_remote_rule), so they hold while
-Redis is down and after restarts. Rules this node made or resumed while Redis was unreachable wait in
-memory and go out when it is back; then the node takes the hash as the truth.
+Redis is down and after restarts. Rules this node made or resumed while Redis was unreachable wait in a
+file beside the store (SUSPENSIONS.unpublished.json), so a restart meanwhile keeps them too, and go out when
+Redis is back; then the node takes the hash as the truth.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import time
 from typing import Protocol
 
-from engine.admin.store import Rule, SuspensionStore
+from engine.admin.store import Rule, SuspensionStore, write_json
 from engine.cluster.link import PREFIX, Link
 
 __all__ = ["Node", "SuspensionReplica"]
@@ -48,13 +49,24 @@ class SuspensionReplica:
     def __init__(self, link: Link, node: Node) -> None:
         self._link = link
         self._node = node
-        self._pending: dict[str, Rule | None] = {}  # not yet published: the rule added, or None if resumed
+        store = node.suspensions.path
+        self._path = store.with_name(f"{store.stem}.unpublished.json")
+        # Not yet published: the rule added, or None if resumed.
+        self._pending: dict[str, Rule | None] = {}
+        if self._path.exists():
+            for rule_id, rule in json.loads(self._path.read_text(encoding="utf-8")).items():
+                self._pending[rule_id] = None if rule is None else Rule(**rule)
 
     def added(self, rule: Rule) -> None:
         self._pending[rule.id] = rule
+        self._save()
 
     def removed(self, rule_id: str) -> None:
         self._pending[rule_id] = None
+        self._save()
+
+    def _save(self) -> None:
+        write_json(self._path, {rule_id: rule and dataclasses.asdict(rule) for rule_id, rule in self._pending.items()})
 
     async def publish(self) -> int:
         """Sends this node's adds and resumes to the cluster; they stay pending if Redis fails."""
@@ -66,6 +78,7 @@ class SuspensionReplica:
         for rule_id, rule in pending.items():
             if self._pending.get(rule_id, rule) is rule:
                 self._pending.pop(rule_id, None)
+        self._save()
         return len(changes)
 
     async def seed(self) -> int:
