@@ -18,7 +18,7 @@ import pytest
 
 from engine.smtp.auth import add_user
 from tests.certs import self_signed
-from tests.harness import Engine, Sink, free_port, wait_for
+from tests.harness import Engine, Sink, engine_toml, free_port, listener, wait_for
 
 
 @dataclass
@@ -32,49 +32,18 @@ class World:
 
 
 def config(sink: Sink, http: int, https: int, closed: int, cert: Path, key: Path, users: Path) -> str:
-    return f"""
-[engine]
-hostname = "mta.test"
-spool_dir = "spool"
-log_dir = "logs"
-secret = "http-injection-test"
-
-[admin]
-listen = "127.0.0.1:{free_port()}"
-
-[routes]
-"*" = "{sink.address}"
-
-[[listeners]]
-name = "api"
-protocol = "http"
-listen = "127.0.0.1:{http}"
-lane = "transactional"
-max_recipients = 5
-max_message_size = "64KB"
-
-[[listeners]]
-name = "bulk-api"
-protocol = "http"
-listen = "127.0.0.1:{https}"
-lane = "bulk"
-relay_from = []
-users_file = "{users}"
-tls_cert = "{cert}"
-tls_key = "{key}"
-
-[[listeners]]
-name = "closed"
-protocol = "http"
-listen = "127.0.0.1:{closed}"
-lane = "transactional"
-relay_from = []
-
-[lanes.transactional]
-
-[lanes.bulk]
-list_unsubscribe = {{ url = "https://mta.test/unsubscribe/{{token}}" }}
-"""
+    tls = {"users_file": str(users), "tls_cert": str(cert), "tls_key": str(key)}
+    return engine_toml(
+        admin=free_port(),
+        routes={"*": sink.address},
+        secret="http-injection-test",
+        listeners=[
+            listener("api", http, "transactional", protocol="http", max_recipients=5, max_message_size="64KB"),
+            listener("bulk-api", https, "bulk", protocol="http", relay_from=[], **tls),
+            listener("closed", closed, "transactional", protocol="http", relay_from=[]),
+        ],
+        lanes={"transactional": {}, "bulk": {"list_unsubscribe": {"url": "https://mta.test/unsubscribe/{token}"}}},
+    )
 
 
 @pytest.fixture(scope="module")
