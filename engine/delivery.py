@@ -272,12 +272,9 @@ class Deliverer:
         pool.wake()
 
     async def _checkout(self, pool: _Pool, hops: list[_Hop], shaping: Shaping, *, fresh: bool) -> _Session:
-        """An idle session to one of `hops` (best hop first), else a new one once the limit allows."""
+        """A new session once the limit allows, or an idle one to one of `hops` (best hop first) that comes
+        back meanwhile. The caller has just found no idle session (or needs a fresh one)."""
         while True:
-            if not fresh:
-                session = self._take_idle(pool, hops)
-                if session is not None:
-                    return session
             if self._may_open(pool, shaping):
                 pool.open += 1
                 try:
@@ -294,6 +291,10 @@ class Deliverer:
             # Other workers free lane-wide slots without telling this one: look again now and then.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter, LANE_RECHECK)
+            if not fresh:
+                session = self._take_idle(pool, hops)
+                if session is not None:
+                    return session
 
     def _take_idle(self, pool: _Pool, hops: list[_Hop]) -> _Session | None:
         for session in [s for s in pool.idle if s.conn.closed]:
